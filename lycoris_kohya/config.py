@@ -1,0 +1,202 @@
+"""network_args -> a typed, validated NetworkConfig.
+
+sd-scripts hands ``--network_args "k=v" ...`` over as strings (``{"dora_wd": "True"}``), and a few
+native values (``dropout`` may be None or a float). Both parse here, once, at the door; an unknown
+key or a bad value is an error that names the key and what is accepted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, Mapping, Optional
+
+logger = logging.getLogger(__name__)
+
+ALGOS = ("locon", "loha", "lokr")
+ALGO_ALIASES = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}
+
+_TRUE = {"true", "1", "yes", "on", "y", "t"}
+_FALSE = {"false", "0", "no", "off", "n", "f"}
+_NONE = {"none", "null", ""}
+
+
+class ConfigError(ValueError):
+    """A network_arg that cannot be used; the message names it."""
+
+
+def parse_bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, (int, float)) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
+        return v.strip().lower() in _TRUE
+    raise ConfigError(f"network_arg {key}={v!r} is not a boolean; use one of true/false, 1/0, yes/no")
+
+
+def _is_none(v: Any) -> bool:
+    return v is None or (isinstance(v, str) and v.strip().lower() in _NONE)
+
+
+def parse_number(key: str, v: Any, kind: type, minimum: Optional[float] = None, below: Optional[float] = None,
+                 optional: bool = False):
+    if optional and _is_none(v):
+        return None
+    try:
+        if isinstance(v, bool):
+            raise ValueError
+        x = float(v)
+        if kind is int:
+            if x != int(x):
+                raise ValueError
+            x = int(x)
+    except (TypeError, ValueError):
+        raise ConfigError(f"network_arg {key}={v!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if minimum is not None and x < minimum:
+        raise ConfigError(f"network_arg {key}={v!r} must be >= {minimum:g}")
+    if below is not None and not x < below:
+        raise ConfigError(f"network_arg {key}={v!r} must be < {below:g}")
+    return x
+
+
+@dataclass(frozen=True)
+class NetworkConfig:
+    """Every option of the network, typed. Field metadata says which algorithms it applies to."""
+
+    algo: str = "locon"
+    dim: int = 4
+    alpha: float = 1.0
+    conv_dim: Optional[int] = None  # None: same as dim; 0: kxk convs get no adapter
+    conv_alpha: Optional[float] = None  # None: same as alpha
+    dropout: Optional[float] = None
+    rank_dropout: Optional[float] = None
+    module_dropout: Optional[float] = None
+    use_tucker: bool = False
+    use_scalar: bool = False
+    rs_lora: bool = False
+    factor: int = -1
+    decompose_both: bool = False
+    full_matrix: bool = False
+    unbalanced_factorization: bool = False
+    dora_wd: bool = False
+    wd_on_output: bool = False
+    dora_detach_norm: bool = False
+    bypass_mode: bool = False
+    train_norm: bool = False
+    loraplus_lr_ratio: Optional[float] = None
+    loraplus_unet_lr_ratio: Optional[float] = None
+    loraplus_text_encoder_lr_ratio: Optional[float] = None
+    preset: str = "full"
+
+    @property
+    def effective_conv_dim(self) -> int:
+        return self.dim if self.conv_dim is None else self.conv_dim
+
+    @property
+    def effective_conv_alpha(self) -> float:
+        return self.alpha if self.conv_alpha is None else self.conv_alpha
+
+    @property
+    def dora_axis(self) -> Optional[str]:
+        if not self.dora_wd:
+            return None
+        return "output" if self.wd_on_output else "input"
+
+    def replace(self, **kw) -> "NetworkConfig":
+        return dataclasses.replace(self, **kw)
+
+
+# aliases: key -> (canonical key, value transform)
+_ALIASES = {
+    "use_cp": ("use_tucker", None),
+    "use_conv_cp": ("use_tucker", None),
+    "disable_conv_cp": ("use_tucker", lambda b: not b),  # True disables Tucker
+    "network_dim": ("dim", None),
+    "network_alpha": ("alpha", None),
+    "neuron_dropout": ("dropout", None),
+}
+
+_BOOL = {f.name for f in fields(NetworkConfig) if f.type in ("bool", bool)}
+_DROPOUTS = ("dropout", "rank_dropout", "module_dropout")
+_RATIOS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+ACCEPTED = sorted({f.name for f in fields(NetworkConfig)} | set(_ALIASES))
+
+
+def _parse_one(key: str, v: Any, label: Optional[str] = None) -> Any:
+    label = label or key
+    if key in _BOOL:
+        return parse_bool(label, v)
+    if key == "algo":
+        s = str(v).strip().lower()
+        if s not in ALGO_ALIASES:
+            raise ConfigError(f"network_arg {label}={v!r} is not supported; accepted: {', '.join(sorted(ALGO_ALIASES))}")
+        return ALGO_ALIASES[s]
+    if key == "dim":
+        return parse_number(label, v, int, minimum=1)
+    if key == "conv_dim":
+        return parse_number(label, v, int, minimum=0, optional=True)
+    if key == "alpha":
+        return parse_number(label, v, float, minimum=0)
+    if key == "conv_alpha":
+        return parse_number(label, v, float, minimum=0, optional=True)
+    if key in _DROPOUTS:
+        x = parse_number(label, v, float, minimum=0, below=1, optional=True)
+        return None if not x else x
+    if key in _RATIOS:
+        return parse_number(label, v, float, minimum=0, optional=True)
+    if key == "factor":
+        x = parse_number(label, v, int)
+        if x == 0 or x < -1:
+            raise ConfigError(f"network_arg {label}={v!r} must be -1 (most balanced) or a positive integer")
+        return x
+    if key == "preset":
+        return str(v)
+    raise ConfigError(f"unknown network_arg {key!r}")  # pragma: no cover - guarded by caller
+
+
+def parse_config(
+    network_dim: Any = None,
+    network_alpha: Any = None,
+    neuron_dropout: Any = None,
+    kwargs: Optional[Mapping[str, Any]] = None,
+) -> NetworkConfig:
+    """Build the config from create_network's arguments. Positional dim/alpha may be None
+    (sd-scripts' defaults then apply: dim 4, alpha 1)."""
+    values: Dict[str, Any] = {}
+    if not _is_none(network_dim):
+        values["dim"] = _parse_one("dim", network_dim)
+    if not _is_none(network_alpha):
+        values["alpha"] = _parse_one("alpha", network_alpha)
+    if not _is_none(neuron_dropout):
+        values["dropout"] = _parse_one("dropout", neuron_dropout)
+
+    seen_from: Dict[str, str] = {}
+    for raw_key, v in (kwargs or {}).items():
+        key, transform = _ALIASES.get(raw_key, (raw_key, None))
+        if key not in {f.name for f in fields(NetworkConfig)}:
+            raise ConfigError(f"unknown network_arg {raw_key!r}; accepted: {', '.join(ACCEPTED)}")
+        if key == "dropout" and _is_none(v):
+            continue  # sd-scripts always passes dropout=<--network_dropout>, often None
+        x = _parse_one(key, v, raw_key)
+        if transform is not None:
+            x = transform(x)
+        if key in seen_from and values.get(key) != x and seen_from[key] != raw_key:
+            raise ConfigError(f"network_args {seen_from[key]!r} and {raw_key!r} disagree")
+        seen_from[key] = raw_key
+        values[key] = x
+    cfg = NetworkConfig(**values)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: NetworkConfig) -> None:
+    if cfg.algo not in ALGOS:
+        raise ConfigError(f"network_arg algo={cfg.algo!r}; accepted: {', '.join(ALGOS)}")
+    if cfg.wd_on_output and not cfg.dora_wd:
+        logger.warning("network_arg wd_on_output has no effect without dora_wd=True")
+    if cfg.bypass_mode:
+        raise ConfigError("network_arg bypass_mode is not supported: the default forward is already the "
+                          "low-rank (bypass) path where the algorithm allows it; leave bypass_mode out")
+    if cfg.train_norm:
+        raise ConfigError("network_arg train_norm is not supported yet")

@@ -1,0 +1,301 @@
+"""The network: adapters built from a config (or from a file's layouts), and the kohya protocol."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from . import targets as tg
+from . import weights as wio
+from .algos import ALGORITHMS, Adapter
+from .algos.base import storable_alpha
+from .config import NetworkConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModuleSpec:
+    """Everything needed to build one adapter."""
+
+    algo: str
+    rank: int
+    alpha: float
+    options: Dict[str, object] = field(default_factory=dict)
+    dora_axis: Optional[str] = None
+
+
+def spec_from_config(cfg: NetworkConfig, target: tg.Target) -> Optional[ModuleSpec]:
+    """The adapter a target gets under the config, or None (e.g. conv_dim=0 for kxk convs)."""
+    if target.is_kxk_conv:
+        rank, alpha = cfg.effective_conv_dim, cfg.effective_conv_alpha
+    else:
+        rank, alpha = cfg.dim, cfg.alpha
+    if rank <= 0:
+        return None
+    if alpha == 0:
+        alpha = rank  # kohya's rule: alpha 0 means no scaling (g = 1)
+    if cfg.rs_lora:
+        # rank-stabilised scale alpha/sqrt(r), stored as an alpha every reader turns into that scale
+        alpha = alpha * math.sqrt(rank)
+    options: Dict[str, object] = {}
+    if cfg.algo == "locon":
+        options["use_tucker"] = cfg.use_tucker
+    return ModuleSpec(cfg.algo, rank, alpha, options, cfg.dora_axis)
+
+
+class LycorisNetwork(nn.Module):
+    """A set of adapters over a UNet and text encoder(s), speaking sd-scripts' network protocol."""
+
+    def __init__(
+        self,
+        text_encoder,
+        unet: Optional[nn.Module],
+        config: NetworkConfig,
+        multiplier: float = 1.0,
+        specs: Optional[Mapping[str, ModuleSpec]] = None,
+    ):
+        super().__init__()
+        self.config = config
+        self.multiplier = float(multiplier)
+        self.loraplus_lr_ratio = config.loraplus_lr_ratio
+        self.loraplus_unet_lr_ratio = config.loraplus_unet_lr_ratio
+        self.loraplus_text_encoder_lr_ratio = config.loraplus_text_encoder_lr_ratio
+
+        if specs is None:
+            te_targets, unet_targets = tg.all_targets(text_encoder, unet)
+            chosen = [(t, spec_from_config(config, t)) for t in te_targets + unet_targets]
+        else:
+            layers = tg.every_layer(text_encoder, unet)
+            missing = [n for n in specs if n not in layers]
+            if missing:
+                raise ValueError(
+                    f"the weights do not fit this model: no layer for module {missing[0]!r}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                )
+            chosen = [(layers[n], s) for n, s in specs.items()]
+
+        self.text_encoder_loras: List[Adapter] = []
+        self.unet_loras: List[Adapter] = []
+        rounded = []
+        for target, spec in chosen:
+            if spec is None:
+                continue
+            alpha = storable_alpha(spec.alpha) if specs is None else spec.alpha
+            if alpha != spec.alpha:
+                rounded.append((spec.alpha, alpha))
+            adapter = self._make(target, spec, alpha)
+            (self.text_encoder_loras if target.is_text_encoder else self.unet_loras).append(adapter)
+            self.add_module(adapter.lora_name, adapter)
+        if rounded:
+            a, b = rounded[0]
+            logger.warning(f"alpha {a:g} is stored as {b:g} (the nearest value bf16/fp16 files hold exactly); "
+                           "training uses {b:g} so that every reader computes the same scale")
+        if not self.text_encoder_loras and not self.unet_loras:
+            raise ValueError("the network has no modules: no layer of the model matched")
+        logger.info(f"lycoris_kohya: {config.algo} network with {len(self.text_encoder_loras)} text encoder "
+                    f"and {len(self.unet_loras)} U-Net modules")
+
+    def _make(self, target: tg.Target, spec: ModuleSpec, alpha: float) -> Adapter:
+        cls, _ = ALGORITHMS[spec.algo]
+        cfg = self.config
+        try:
+            return cls(
+                target.name, target.layer, rank=spec.rank, alpha=alpha, multiplier=self.multiplier,
+                dropout=cfg.dropout, rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
+                dora_axis=spec.dora_axis, dora_detach_norm=cfg.dora_detach_norm, **spec.options,
+            )
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{target.name}: {e}") from e
+
+    # ----- the adapters ------------------------------------------------------------------------
+    @property
+    def loras(self) -> List[Adapter]:
+        return self.text_encoder_loras + self.unet_loras
+
+    def apply_to(self, text_encoder=None, unet=None, apply_text_encoder: bool = True, apply_unet: bool = True):
+        if not apply_text_encoder:
+            self._drop(self.text_encoder_loras)
+            self.text_encoder_loras = []
+        if not apply_unet:
+            self._drop(self.unet_loras)
+            self.unet_loras = []
+        for a in self.loras:
+            a.apply_to()
+        logger.info(f"lycoris_kohya: applied to {len(self.text_encoder_loras)} text encoder and "
+                    f"{len(self.unet_loras)} U-Net layers")
+
+    def _drop(self, adapters: Sequence[Adapter]) -> None:
+        for a in adapters:
+            a.remove()
+            delattr(self, a.lora_name)
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = float(multiplier)
+        for a in self.loras:
+            a.multiplier = self.multiplier
+
+    def set_enabled(self, is_enabled: bool) -> None:
+        for a in self.loras:
+            a.enabled = bool(is_enabled)
+
+    # ----- optimizer ---------------------------------------------------------------------------
+    def _groups(self, adapters: Sequence[Adapter], lr: Optional[float], ratio: Optional[float], label: str):
+        plain, plus = [], []
+        for a in adapters:
+            plus_names = set(a.plus_suffixes)
+            for pname, p in a.named_parameters():
+                (plus if ratio is not None and pname in plus_names else plain).append(p)
+        groups, descriptions = [], []
+        for params, desc, factor in ((plain, label, 1.0), (plus, f"{label} plus", ratio)):
+            if not params:
+                continue
+            group = {"params": params}
+            if lr is not None:
+                group["lr"] = lr * factor
+                if group["lr"] == 0:
+                    logger.info(f"lycoris_kohya: {desc} has learning rate 0; left out of the optimizer")
+                    continue
+            groups.append(group)
+            descriptions.append(desc)
+        return groups, descriptions
+
+    def prepare_optimizer_params(self, text_encoder_lr=None, unet_lr=None, default_lr=None):
+        if isinstance(text_encoder_lr, (list, tuple)):
+            return self.prepare_optimizer_params_with_multiple_te_lrs(text_encoder_lr, unet_lr, default_lr)
+        return self.prepare_optimizer_params_with_multiple_te_lrs(
+            None if text_encoder_lr is None else [text_encoder_lr], unet_lr, default_lr)
+
+    def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr, unet_lr=None, default_lr=None):
+        """One group per text encoder (lr from the list, the first entry for all if it is shorter)
+        and one for the U-Net, each split in two when a LoRA+ ratio is set."""
+        self.requires_grad_(True)
+        if isinstance(text_encoder_lr, (int, float)):
+            text_encoder_lr = [text_encoder_lr]
+        te_lrs = list(text_encoder_lr or [])
+        groups, descriptions = [], []
+
+        by_prefix: Dict[str, List[Adapter]] = {}
+        for a in self.text_encoder_loras:
+            by_prefix.setdefault(a.lora_name.split("_text_model_")[0], []).append(a)
+        te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
+        for i, (prefix, adapters) in enumerate(sorted(by_prefix.items())):
+            lr = te_lrs[i] if i < len(te_lrs) else (te_lrs[0] if te_lrs else default_lr)
+            label = "textencoder" if len(by_prefix) == 1 else f"textencoder {i + 1}"
+            g, d = self._groups(adapters, lr, te_ratio, label)
+            groups += g
+            descriptions += d
+        if self.unet_loras:
+            lr = unet_lr if unet_lr is not None else default_lr
+            g, d = self._groups(self.unet_loras, lr, self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio, "unet")
+            groups += g
+            descriptions += d
+        return groups, descriptions
+
+    def set_loraplus_lr_ratio(self, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio):
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
+        self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
+
+    def enable_gradient_checkpointing(self):
+        pass  # adapters hold no activations of their own worth checkpointing
+
+    def prepare_grad_etc(self, text_encoder, unet):
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder, unet):
+        self.train()
+
+    def on_step_start(self, *args, **kwargs):
+        pass
+
+    def get_trainable_params(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----- --scale_weight_norms ------------------------------------------------------------------
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm_value, device=None) -> Tuple[int, float, float]:
+        """For every module, n = ||g*dW||_F (multiplier 1, no dropout). Where n > max_norm_value the
+        module's factors are rescaled so that n == max_norm_value. Returns (modules rescaled, mean
+        norm, max norm) over all modules after rescaling, as Python numbers."""
+        limit = float(max_norm_value)
+        norms: List[float] = []
+        keys_scaled = 0
+        for a in self.loras:
+            n = float(a.delta().float().norm())
+            if n > limit:
+                a.rescale_delta(limit / n)
+                n = float(a.delta().float().norm())
+                keys_scaled += 1
+            norms.append(n)
+        if not norms:
+            return 0, 0.0, 0.0
+        return keys_scaled, sum(norms) / len(norms), max(norms)
+
+    # ----- files -------------------------------------------------------------------------------
+    def load_weights(self, file: str):
+        """Load a file into this network (sd-scripts' --network_weights). A key the network does not
+        have, or a shape that differs, is an error naming it; missing keys are reported."""
+        info = self.load_state_dict(wio.load_state_dict(file), strict=False)
+        if info.missing_keys:
+            logger.warning(f"lycoris_kohya: {file} lacks {len(info.missing_keys)} keys of this network, "
+                           f"e.g. {info.missing_keys[0]!r}; those keep their initial values")
+        return info
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        own = super().state_dict()
+        for k, v in state_dict.items():
+            if k not in own:
+                raise ValueError(f"weights have key {k!r}, which this network does not have")
+            if tuple(own[k].shape) != tuple(v.shape):
+                raise ValueError(f"{k}: the file has shape {list(v.shape)}, the network {list(own[k].shape)}")
+        return super().load_state_dict(state_dict, strict=strict)
+
+    def save_weights(self, file: str, dtype=None, metadata: Optional[Dict[str, str]] = None) -> None:
+        sd = {k: v.detach().to("cpu") for k, v in self.state_dict().items()}
+        if dtype is not None:
+            sd = {k: v.to(dtype) for k, v in sd.items()}
+        wio.save_weights(file, sd, metadata)
+
+    # ----- merging (--base_weights, merge scripts, gen_img) ------------------------------------
+    def is_mergeable(self) -> bool:
+        return True
+
+    @torch.no_grad()
+    def merge_to(self, text_encoder=None, unet=None, weights_sd=None, dtype=None, device=None):
+        """Merge every module into its base layer in place: W <- merged weight at this network's
+        multiplier. Computed in fp32 on ``device`` (default: the layer's), rounded to ``dtype``
+        (default: the layer's), stored back in the layer's own dtype and device, as kohya does."""
+        if weights_sd is not None:
+            self.load_state_dict(weights_sd, strict=True)
+        keys = list(weights_sd if weights_sd is not None else self.state_dict())
+        adapters = []
+        if any(k.startswith(tg.TE_PREFIX) for k in keys):
+            adapters += self.text_encoder_loras
+        if any(k.startswith(tg.UNET_PREFIX) for k in keys):
+            adapters += self.unet_loras
+        for a in adapters:
+            w = a.layer.weight
+            on = w.device if device is None else torch.device(device)
+            merged = a.merged_weight(base=w.detach().to(on))
+            w.copy_(merged.to(dtype or w.dtype))
+        logger.info(f"lycoris_kohya: merged {len(adapters)} modules at multiplier {self.multiplier:g}")
+
+    def backup_weights(self):
+        for a in self.loras:
+            a.backup_weight()
+
+    def restore_weights(self):
+        for a in self.loras:
+            a.restore_weight()
+
+    @torch.no_grad()
+    def pre_calculation(self):
+        for a in self.loras:
+            a.merge_into_layer()
+            a.enabled = False

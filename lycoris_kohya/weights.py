@@ -1,0 +1,127 @@
+"""Files: atomic safetensors save with kohya's metadata and A1111's hashes, loading, and inferring
+every module's algorithm and layout from tensor shapes alone."""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Dict, Mapping, Optional, Tuple
+
+import torch
+
+DATA_HASH_BLOCK = 1024 * 1024
+FORBIDDEN_METADATA = ("lora_adapter_metadata",)  # makes diffusers treat the file as a peft adapter
+
+
+# ----- hashes (as sd-scripts' library/train_util.precalculate_safetensors_hashes) -----------------
+def _data_part(blob: bytes) -> bytes:
+    n = int.from_bytes(blob[:8], "little")
+    return blob[8 + n:]
+
+
+def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> Tuple[str, str]:
+    """(sshs_model_hash, sshs_legacy_hash): sha256 of the data part of the file serialised with
+    only the ``ss_*`` metadata, and sha256 of 64 KiB at offset 1 MiB of those bytes (first 8 hex)."""
+    from safetensors.torch import save
+
+    ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
+    blob = save(dict(tensors), ss or None)
+    model_hash = hashlib.sha256(_data_part(blob)).hexdigest()
+    legacy_hash = hashlib.sha256(blob[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
+    return model_hash, legacy_hash
+
+
+# ----- atomic writes ---------------------------------------------------------------------------
+def write_atomic(path: str, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, then rename over it: a crash or an error
+    never leaves a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_weights(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> None:
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if os.path.splitext(path)[1].lower() != ".safetensors":
+        import io
+
+        buf = io.BytesIO()
+        torch.save(tensors, buf)
+        write_atomic(path, buf.getvalue())
+        return
+    from safetensors.torch import save
+
+    meta: Dict[str, str] = {}
+    for k, v in (metadata or {}).items():
+        if k in FORBIDDEN_METADATA:
+            continue
+        meta[str(k)] = v if isinstance(v, str) else str(v)
+    meta["sshs_model_hash"], meta["sshs_legacy_hash"] = safetensors_hashes(tensors, meta)
+    write_atomic(path, save(tensors, meta))
+
+
+def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    if os.path.splitext(path)[1].lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_metadata(path: str) -> Dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+# ----- grouping and layout inference ------------------------------------------------------------
+def group_by_module(sd: Mapping[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """{"lora_unet_x.lora_down.weight": t} -> {"lora_unet_x": {"lora_down.weight": t}}."""
+    out: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, t in sd.items():
+        if "." not in key:
+            raise ValueError(f"key {key!r} is not '<module>.<tensor>'")
+        name, suffix = key.split(".", 1)
+        out.setdefault(name, {})[suffix] = t
+    return out
+
+
+def infer_specs(sd: Mapping[str, torch.Tensor], layers: Mapping[str, "object"]):
+    """A ModuleSpec per module of a state dict, from its tensor names and shapes alone.
+    ``layers``: key name -> Target (for the base weight's shape). Errors name the module."""
+    from .algos import ALGORITHMS, DORA_SCALE, detect
+    from .algos import dora as dora_math
+    from .algos.base import LayerGeometry
+    from .network import ModuleSpec
+
+    specs = {}
+    for name, tensors in group_by_module(sd).items():
+        if name not in layers:
+            raise ValueError(f"the weights do not fit this model: no layer for module {name!r}")
+        geometry = LayerGeometry.of(layers[name].layer)
+        algo = detect(name, tensors)
+        _, math = ALGORITHMS[algo]
+        try:
+            info = dict(math.layout(tensors, geometry))
+            axis = None
+            if DORA_SCALE in tensors:
+                axis = dora_math.axis_of(tensors[DORA_SCALE].shape, geometry.weight_shape)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+        rank = info.pop("rank")
+        info.pop("use_alpha", None)
+        # no alpha means g = 1: store alpha = rank, which every reader turns into g = 1
+        alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
+        specs[name] = ModuleSpec(algo, rank, alpha, info, axis)
+    return specs
