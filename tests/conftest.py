@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny random SD1.x checkpoint built locally (scripts/make_tiny_sd.py)."""
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    from make_tiny_sd import build_tiny_sd
+
+    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture
+def models(tiny_sd):
+    """Fresh (text_encoder, unet) from the tiny checkpoint, frozen, eval mode."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").eval().requires_grad_(False)
+    te = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").eval().requires_grad_(False)
+    return te, unet
+
+
+def randomize(network, seed=0, std=0.1):
+    """Give every trainable tensor random values (lora_up starts at zero, so deltas would vanish)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in network.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return network

@@ -1,0 +1,30 @@
+"""The README's main job: scripts/smoke_train.py trains, saves and verifies the reload and merge."""
+import smoke_train
+
+
+def test_smoke_train_cli(tiny_sd, tmp_path):
+    rc = smoke_train.main(["--model", tiny_sd, "--steps", "3", "--output_dir", str(tmp_path),
+                           "--network_args", "algo=locon", "conv_dim=4", "conv_alpha=1"])
+    assert rc == 0
+    assert (tmp_path / "smoke_locon.safetensors").exists()
+
+
+def test_smoke_train_from_toml(tiny_sd, tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'''
+[model]
+pretrained_model_name_or_path = "{tiny_sd}"
+[network]
+network_module = "lycoris_kohya"
+network_dim = 4
+network_alpha = 2
+network_args = ["algo=locon", "conv_dim=2", "use_tucker=true"]
+[training]
+max_train_steps = 2
+scale_weight_norms = 0.001
+output_dir = "{tmp_path}"
+output_name = "from_toml"
+save_precision = "fp16"
+''')
+    assert smoke_train.main(["--config", str(cfg)]) == 0
+    assert (tmp_path / "from_toml.safetensors").exists()
