@@ -43,9 +43,10 @@ def spec_from_config(cfg: NetworkConfig, target: tg.Target) -> Optional[ModuleSp
     if cfg.rs_lora:
         # rank-stabilised scale alpha/sqrt(r), stored as an alpha every reader turns into that scale
         alpha = alpha * math.sqrt(rank)
-    options: Dict[str, object] = {}
-    if cfg.algo == "locon":
-        options["use_tucker"] = cfg.use_tucker
+    options: Dict[str, object] = {"use_tucker": cfg.use_tucker, "use_scalar": cfg.use_scalar}
+    if cfg.algo == "lokr":
+        options.update(factor=cfg.factor, decompose_both=cfg.decompose_both, full_matrix=cfg.full_matrix,
+                       unbalanced_factorization=cfg.unbalanced_factorization)
     return ModuleSpec(cfg.algo, rank, alpha, options, cfg.dora_axis)
 
 
@@ -78,7 +79,7 @@ class LycorisNetwork(nn.Module):
                     f"the weights do not fit this model: no layer for module {missing[0]!r}"
                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 )
-            chosen = [(layers[n], s) for n, s in specs.items()]
+            chosen = [(t, specs[n]) for n, t in layers.items() if n in specs]  # the model's order
 
         self.text_encoder_loras: List[Adapter] = []
         self.unet_loras: List[Adapter] = []
@@ -98,6 +99,13 @@ class LycorisNetwork(nn.Module):
                            "training uses {b:g} so that every reader computes the same scale")
         if not self.text_encoder_loras and not self.unet_loras:
             raise ValueError("the network has no modules: no layer of the model matched")
+        forced = [a.lora_name for a in self.loras if getattr(a, "forced_full", False)]
+        if forced:
+            logger.warning(f"lycoris_kohya: LoKr rank is too large for the factor of {len(forced)} modules "
+                           f"(e.g. {forced[0]}); their large factor lokr_w2 is a full matrix")
+        if specs is None and config.algo == "lokr" and any(getattr(a.layout, "tucker", False) for a in self.loras):
+            logger.warning("lycoris_kohya: LoKr with use_tucker writes lokr_t2, which ComfyUI does not apply "
+                           "(it fails silently); A1111 and this plugin do")
         logger.info(f"lycoris_kohya: {config.algo} network with {len(self.text_encoder_loras)} text encoder "
                     f"and {len(self.unet_loras)} U-Net modules")
 
@@ -256,8 +264,12 @@ class LycorisNetwork(nn.Module):
                 raise ValueError(f"{k}: the file has shape {list(v.shape)}, the network {list(own[k].shape)}")
         return super().load_state_dict(state_dict, strict=strict)
 
+    def export_state_dict(self) -> Dict[str, torch.Tensor]:
+        """What a file holds: every module's tensors under ``<name>.<suffix>`` (use_scalar folded in)."""
+        return {f"{a.lora_name}.{k}": v for a in self.loras for k, v in a.export_tensors().items()}
+
     def save_weights(self, file: str, dtype=None, metadata: Optional[Dict[str, str]] = None) -> None:
-        sd = {k: v.detach().to("cpu") for k, v in self.state_dict().items()}
+        sd = {k: v.detach().to("cpu") for k, v in self.export_state_dict().items()}
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
         wio.save_weights(file, sd, metadata)

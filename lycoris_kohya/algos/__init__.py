@@ -7,12 +7,16 @@ from typing import Dict, Mapping, Tuple, Type
 
 import torch
 
-from . import dora, locon
+from . import dora, loha, lokr, locon
 from .base import Adapter, LayerGeometry, alpha_scale
 from .locon import LoConAdapter
+from .loha import LoHaAdapter
+from .lokr import LoKrAdapter
 
 ALGORITHMS: Dict[str, Tuple[Type[Adapter], ModuleType]] = {
     "locon": (LoConAdapter, locon),
+    "loha": (LoHaAdapter, loha),
+    "lokr": (LoKrAdapter, lokr),
 }
 
 ALPHA = "alpha"

@@ -94,6 +94,9 @@ class Adapter(nn.Module):
     algo: str = ""
     #: tensor suffixes that sd-scripts' LoRA+ treats as the "up" side (lr * ratio)
     plus_suffixes: Tuple[str, ...] = ()
+    #: the tensor initialised to zero so that dW starts at 0; with use_scalar a trainable scalar
+    #: (starting at 0) plays that role instead and is folded into this tensor when saving
+    zero_init: str = ""
 
     def __init__(
         self,
@@ -106,6 +109,7 @@ class Adapter(nn.Module):
         module_dropout: Optional[float] = None,
         dora_axis: Optional[str] = None,
         dora_detach_norm: bool = False,
+        use_scalar: bool = False,
     ):
         super().__init__()
         self.lora_name = name
@@ -120,16 +124,23 @@ class Adapter(nn.Module):
         self.register_buffer("alpha", torch.tensor(float(alpha)))
         self._alpha_value = float(alpha)
         self._backup: Optional[torch.Tensor] = None
+        self.scalar = nn.Parameter(torch.zeros(())) if use_scalar else None
         self.dora_axis = dora_axis
         self.dora_detach_norm = dora_detach_norm
         if dora_axis is not None:
             w0 = layer.weight.detach()
             self.dora_scale = nn.Parameter(dora_math.weight_norm(w0.float(), dora_axis).to(torch.float32))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args, **kwargs)
         if prefix + "alpha" in state_dict:  # keep the cached scale in step with a loaded alpha
             self._alpha_value = float(state_dict[prefix + "alpha"])
+        if self.scalar is not None and prefix + "scalar" not in state_dict:
+            # files hold the scalar folded into the factors (export_tensors): it is 1 after loading
+            with torch.no_grad():
+                self.scalar.fill_(1.0)
+            if prefix + "scalar" in missing_keys:
+                missing_keys.remove(prefix + "scalar")
 
     # ----- the base layer -------------------------------------------------------------------
     @property
@@ -172,8 +183,20 @@ class Adapter(nn.Module):
         raise NotImplementedError
 
     def delta(self) -> torch.Tensor:
-        """g * dW, shaped like the base weight."""
-        return self.math_delta().reshape(self.geometry.weight_shape) * self.scale
+        """g * dW, shaped like the base weight (times the trainable scalar with use_scalar)."""
+        d = self.math_delta().reshape(self.geometry.weight_shape) * self.scale
+        return d if self.scalar is None else d * self.scalar
+
+    def export_tensors(self) -> Dict[str, torch.Tensor]:
+        """What the file holds for this module, under the file's suffixes: the factors (with the
+        scalar folded in), alpha, and dora_scale."""
+        t = {k: v.detach() for k, v in self.tensors().items()}
+        if self.scalar is not None:
+            t[self.zero_init] = t[self.zero_init] * self.scalar.detach()
+        t["alpha"] = self.alpha.detach()
+        if self.dora_axis is not None:
+            t["dora_scale"] = self.dora_scale.detach()
+        return t
 
     def merged_weight(self, multiplier: Optional[float] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The weight the layer behaves as, in fp32 (DoRA-aware)."""
@@ -187,7 +210,8 @@ class Adapter(nn.Module):
     # ----- multiplicative factors, for max-norm --------------------------------------------
     def factors(self) -> Tuple[torch.Tensor, ...]:
         """Tensors such that dW is linear in each one; scaling each by c**(1/k) scales dW by c."""
-        return tuple(self.tensors().values())
+        fs = tuple(self.tensors().values())
+        return fs if self.scalar is None else fs + (self.scalar,)
 
     @torch.no_grad()
     def rescale_delta(self, ratio: float) -> None:
@@ -212,8 +236,13 @@ class Adapter(nn.Module):
         return self.fast_forward(x)
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Default: fold W0 + m*g*dW into one op (no second full-size op)."""
-        return self.merged_forward(x, self.training_delta())
+        """Default: fold W0 + m*g*dW into one op (no second full-size op). With neuron dropout in
+        training the delta's output must be dropped on its own, so it runs as a second op then."""
+        d = self.training_delta()
+        if self.training and self.dropout is not None:
+            delta_out = self.geometry.apply(x, (self.multiplier * d).to(x.dtype))
+            return self.base_forward(x) + F.dropout(delta_out, p=self.dropout)
+        return self.merged_forward(x, d)
 
     def training_delta(self) -> torch.Tensor:
         """g * dW with rank dropout applied in training (row mask on the output axis,

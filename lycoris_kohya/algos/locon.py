@@ -63,9 +63,11 @@ class _Weight(nn.Module):
 class LoConAdapter(Adapter):
     algo = "locon"
     plus_suffixes = (UP,)
+    zero_init = UP
 
-    def __init__(self, name: str, layer: nn.Module, rank: int, alpha: float, use_tucker: bool = False, **kw):
-        super().__init__(name, layer, alpha, **kw)
+    def __init__(self, name: str, layer: nn.Module, rank: int, alpha: float, use_tucker: bool = False,
+                 use_scalar: bool = False, **kw):
+        super().__init__(name, layer, alpha, use_scalar=use_scalar, **kw)
         g = self.geometry
         self.use_tucker = bool(use_tucker and g.is_kxk)
         if self.use_tucker:
@@ -74,9 +76,9 @@ class LoConAdapter(Adapter):
         else:
             down = torch.empty(rank, g.in_dim, *g.kernel)
             self.lora_mid = None
-        self.lora_down = _Weight(kaiming(down.flatten(1)).reshape(down.shape))
+        self.lora_down = _Weight(kaiming(down))
         up = torch.zeros(g.out_dim, rank, 1, 1) if g.is_conv else torch.zeros(g.out_dim, rank)
-        self.lora_up = _Weight(up)
+        self.lora_up = _Weight(kaiming(up) if use_scalar else up)
         self._rank = rank
 
     @property
@@ -99,7 +101,8 @@ class LoConAdapter(Adapter):
         keep = (torch.rand(self._rank, device=self.lora_up.weight.device) > self.rank_dropout)
         t = dict(self.tensors())
         t[UP] = t[UP] * keep.to(t[UP].dtype).view(1, -1, *([1] * (t[UP].dim() - 2))) / (1.0 - self.rank_dropout)
-        return delta(t, self.geometry.weight_shape) * self.scale
+        d = delta(t, self.geometry.weight_shape) * self.scale
+        return d if self.scalar is None else d * self.scalar
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         """y = base(x) + m*g * up(mid(down(x))): the low-rank path beside the base layer."""
@@ -128,4 +131,6 @@ class LoConAdapter(Adapter):
 
         up = self.lora_up.weight.to(dt)
         out = F.conv2d(h, up) if g.is_conv else F.linear(h, up)
+        if self.scalar is not None:
+            out = out * self.scalar.to(dt)
         return y + out * scale

@@ -1,0 +1,176 @@
+"""LoKr: a Kronecker product of a small and a large factor.
+
+    out = a*b, in = c*d;   dW = kron(w1 [a,c], w2 [b,d(,kh,kw)])
+    w1 = lokr_w1, or lokr_w1_a [a,r] @ lokr_w1_b [r,c]
+    w2 = lokr_w2, or lokr_w2_a [b,r] @ lokr_w2_b [r,d*kh*kw] (reshaped),
+         or with Tucker: W2[b,d,h,w] = sum_pq lokr_t2[p,q,h,w] lokr_w2_a[p,b] lokr_w2_b[q,d]
+    r (for alpha/r) = rank of w2_b if w2 is factorised, else of w1_b; both factors full: alpha is ignored (g = 1)
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .base import Adapter, LayerGeometry, kaiming
+
+W1, W1A, W1B = "lokr_w1", "lokr_w1_a", "lokr_w1_b"
+W2, W2A, W2B, T2 = "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"
+SUFFIXES = (W1, W1A, W1B, W2, W2A, W2B, T2)
+
+
+def factorization(dim: int, factor: int = -1) -> Tuple[int, int]:
+    """(m, n) with m*n = dim and m <= n: the most balanced split whose small side is at most
+    ``factor`` (-1: no limit). A factor that divides dim is used as it is."""
+    if factor > 0 and dim % factor == 0:
+        return min(factor, dim // factor), max(factor, dim // factor)
+    limit = math.isqrt(dim) if factor < 0 else min(math.isqrt(dim), factor)
+    m = max(d for d in range(1, limit + 1) if dim % d == 0)
+    return m, dim // m
+
+
+@dataclass(frozen=True)
+class LoKrLayout:
+    a: int  # out = a*b
+    b: int
+    c: int  # in = c*d
+    d: int
+    rank: int
+    w1_lowrank: bool
+    w2_lowrank: bool
+    tucker: bool
+
+    @property
+    def use_alpha(self) -> bool:
+        return self.w1_lowrank or self.w2_lowrank
+
+
+def plan(g: LayerGeometry, rank: int, factor: int = -1, decompose_both: bool = False, full_matrix: bool = False,
+         use_tucker: bool = False, unbalanced_factorization: bool = False) -> LoKrLayout:
+    """The layout a new adapter gets (LyCORIS' rules): w2 is low-rank unless the rank is at least
+    half its larger side (or full_matrix); w1 is low-rank only with decompose_both under the same rule."""
+    c, d = factorization(g.in_dim, factor)
+    a, b = factorization(g.out_dim, factor)
+    if unbalanced_factorization:
+        a, b = b, a
+    w1_lowrank = decompose_both and not full_matrix and rank < max(a, c) / 2
+    w2_lowrank = not full_matrix and rank < max(b, d) / 2
+    return LoKrLayout(a, b, c, d, rank, w1_lowrank, w2_lowrank, bool(use_tucker and w2_lowrank and g.is_kxk))
+
+
+# ----- math: the one definition --------------------------------------------------------------
+def _w1(t: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return t[W1] if W1 in t else t[W1A] @ t[W1B]
+
+
+def _w2(t: Mapping[str, torch.Tensor], weight_shape: Sequence[int], b: int, d: int) -> torch.Tensor:
+    if W2 in t:
+        return t[W2]
+    if T2 in t:
+        return torch.einsum("pqhw,pb,qd->bdhw", t[T2], t[W2A], t[W2B])
+    return (t[W2A] @ t[W2B]).reshape(b, d, *weight_shape[2:])
+
+
+def delta(t: Mapping[str, torch.Tensor], weight_shape: Sequence[int]) -> torch.Tensor:
+    """dW (unscaled) shaped like the base weight."""
+    w1 = _w1(t)
+    a, c = w1.shape
+    b, d = weight_shape[0] // a, weight_shape[1] // c
+    w2 = _w2(t, weight_shape, b, d)
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    return torch.kron(w1.contiguous(), w2.contiguous()).reshape(weight_shape)
+
+
+def layout(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Dict[str, object]:
+    """The layout of stored tensors, from shapes alone (which factors are low-rank, Tucker,
+    balanced or not); raises ValueError when they don't fit the layer."""
+    if not ((W1 in t) ^ (W1A in t and W1B in t)):
+        raise ValueError("LoKr needs lokr_w1, or lokr_w1_a and lokr_w1_b")
+    if not ((W2 in t) ^ (W2A in t and W2B in t)):
+        raise ValueError("LoKr needs lokr_w2, or lokr_w2_a and lokr_w2_b")
+    w1_lowrank, w2_lowrank, tucker = W1 not in t, W2 not in t, T2 in t
+    a, c = (t[W1A].shape[0], t[W1B].shape[1]) if w1_lowrank else tuple(t[W1].shape)
+    if g.out_dim % a or g.in_dim % c:
+        raise ValueError(f"w1 of shape [{a}, {c}] does not divide the layer's [{g.out_dim}, {g.in_dim}]")
+    b, d = g.out_dim // a, g.in_dim // c
+    k = tuple(g.kernel)
+    want: Dict[str, tuple] = {}
+    if w1_lowrank:
+        r1 = t[W1B].shape[0]
+        want.update({W1A: (a, r1), W1B: (r1, c)})
+    rank = t[W1B].shape[0] if w1_lowrank else 1
+    if not w2_lowrank:
+        want[W2] = (b, d, *k)
+    else:
+        rank = t[W2B].shape[0]
+        if tucker:
+            if not g.is_kxk:
+                raise ValueError("lokr_t2 (Tucker) only fits kxk convolutions")
+            want.update({W2A: (rank, b), W2B: (rank, d), T2: (rank, rank, *k)})
+        else:
+            want.update({W2A: (b, rank), W2B: (rank, d * (k[0] * k[1] if k else 1))})
+    for key, shape in want.items():
+        if tuple(t[key].shape) != shape:
+            raise ValueError(f"{key} has shape {list(t[key].shape)}, the layer needs {list(shape)}")
+    lay = LoKrLayout(a, b, c, d, rank, w1_lowrank, w2_lowrank, tucker)
+    return {"rank": rank, "layout": lay, "use_alpha": lay.use_alpha}
+
+
+# ----- the trainable adapter -----------------------------------------------------------------
+class LoKrAdapter(Adapter):
+    algo = "lokr"
+    plus_suffixes = (W2, W2A)  # the large factor's output side
+
+    def __init__(self, name: str, layer: nn.Module, rank: int, alpha: float, layout: Optional[LoKrLayout] = None,
+                 factor: int = -1, decompose_both: bool = False, full_matrix: bool = False, use_tucker: bool = False,
+                 unbalanced_factorization: bool = False, use_scalar: bool = False, **kw):
+        super().__init__(name, layer, alpha, use_scalar=use_scalar, **kw)
+        g = self.geometry
+        if layout is None:
+            layout = plan(g, rank, factor, decompose_both, full_matrix, use_tucker, unbalanced_factorization)
+        self.layout = lay = layout
+        if lay.a * lay.b != g.out_dim or lay.c * lay.d != g.in_dim:
+            raise ValueError(f"LoKr factors {lay} do not fit a layer of {list(g.weight_shape)}")
+        #: the rank asked for could not be used for w2 (too large for the factor): it is full
+        self.forced_full = not lay.w2_lowrank and rank >= max(lay.b, lay.d) / 2 and not full_matrix
+        r, k = lay.rank, tuple(g.kernel)
+        if lay.w1_lowrank:
+            self.lokr_w1_a = nn.Parameter(kaiming(torch.empty(lay.a, r)))
+            self.lokr_w1_b = nn.Parameter(kaiming(torch.empty(r, lay.c)))
+        else:
+            self.lokr_w1 = nn.Parameter(kaiming(torch.empty(lay.a, lay.c)))
+        # the large factor starts at zero (its second half when low-rank) so that dW = 0
+        if not lay.w2_lowrank:
+            self.zero_init = W2
+            w2 = torch.empty(lay.b, lay.d, *k)
+            self.lokr_w2 = nn.Parameter(kaiming(w2) if use_scalar else w2.zero_())
+        else:
+            self.zero_init = W2B
+            if lay.tucker:
+                self.lokr_t2 = nn.Parameter(kaiming(torch.empty(r, r, *k)))
+                a_shape, b_shape = (r, lay.b), (r, lay.d)
+            else:
+                a_shape, b_shape = (lay.b, r), (r, lay.d * (k[0] * k[1] if k else 1))
+            self.lokr_w2_a = nn.Parameter(kaiming(torch.empty(a_shape)))
+            w2b = torch.empty(b_shape)
+            self.lokr_w2_b = nn.Parameter(kaiming(w2b) if use_scalar else w2b.zero_())
+        self._names = [n for n in SUFFIXES if hasattr(self, n) and isinstance(getattr(self, n), nn.Parameter)]
+
+    @property
+    def rank(self) -> int:
+        return self.layout.rank
+
+    @property
+    def scale(self) -> float:
+        # both factors full: alpha is ignored, as every reader does
+        return super().scale if self.layout.use_alpha else 1.0
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        return {n: getattr(self, n) for n in self._names}
+
+    def math_delta(self) -> torch.Tensor:
+        return delta(self.tensors(), self.geometry.weight_shape)
