@@ -195,8 +195,8 @@ def validate(cfg: NetworkConfig) -> None:
         raise ConfigError(f"network_arg algo={cfg.algo!r}; accepted: {', '.join(ALGOS)}")
     if cfg.wd_on_output and not cfg.dora_wd:
         logger.warning("network_arg wd_on_output has no effect without dora_wd=True")
-    if cfg.bypass_mode:
-        raise ConfigError("network_arg bypass_mode is not supported: the default forward is already the "
-                          "low-rank (bypass) path where the algorithm allows it; leave bypass_mode out")
+    if cfg.bypass_mode and cfg.dora_wd:
+        raise ConfigError("network_args bypass_mode and dora_wd cannot be combined: DoRA normalises the merged "
+                          "weight W0 + g*dW, which bypass mode never forms; drop one of them")
     if cfg.train_norm:
         raise ConfigError("network_arg train_norm is not supported yet")

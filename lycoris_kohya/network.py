@@ -99,6 +99,10 @@ class LycorisNetwork(nn.Module):
                            "training uses {b:g} so that every reader computes the same scale")
         if not self.text_encoder_loras and not self.unet_loras:
             raise ValueError("the network has no modules: no layer of the model matched")
+        if any(a.dora_axis == "output" for a in self.loras):
+            logger.warning("lycoris_kohya: DoRA on the output axis (wd_on_output=True): ComfyUI and A1111 do not yet "
+                           "apply this axis the way it was trained (ComfyUI divides by ||W0||, A1111 only knows the "
+                           "input axis); the default input axis behaves identically everywhere")
         forced = [a.lora_name for a in self.loras if getattr(a, "forced_full", False)]
         if forced:
             logger.warning(f"lycoris_kohya: LoKr rank is too large for the factor of {len(forced)} modules "
@@ -116,7 +120,8 @@ class LycorisNetwork(nn.Module):
             return cls(
                 target.name, target.layer, rank=spec.rank, alpha=alpha, multiplier=self.multiplier,
                 dropout=cfg.dropout, rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
-                dora_axis=spec.dora_axis, dora_detach_norm=cfg.dora_detach_norm, **spec.options,
+                dora_axis=spec.dora_axis, dora_detach_norm=cfg.dora_detach_norm, bypass=cfg.bypass_mode,
+                **spec.options,
             )
         except (ValueError, TypeError) as e:
             raise ValueError(f"{target.name}: {e}") from e

@@ -110,6 +110,7 @@ class Adapter(nn.Module):
         dora_axis: Optional[str] = None,
         dora_detach_norm: bool = False,
         use_scalar: bool = False,
+        bypass: bool = False,
     ):
         super().__init__()
         self.lora_name = name
@@ -125,6 +126,9 @@ class Adapter(nn.Module):
         self._alpha_value = float(alpha)
         self._backup: Optional[torch.Tensor] = None
         self.scalar = nn.Parameter(torch.zeros(())) if use_scalar else None
+        if bypass and dora_axis is not None:
+            raise ValueError("bypass mode cannot be combined with DoRA")
+        self.bypass = bypass  # never fold into the base weight: base(x) + delta op (e.g. quantised bases)
         self.dora_axis = dora_axis
         self.dora_detach_norm = dora_detach_norm
         if dora_axis is not None:
@@ -229,7 +233,7 @@ class Adapter(nn.Module):
         return False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._skip():
+        if self.multiplier == 0 or self._skip():
             return self.base_forward(x)
         if self.dora_axis is not None:
             return self.dora_forward(x)
@@ -237,11 +241,11 @@ class Adapter(nn.Module):
 
     def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Default: fold W0 + m*g*dW into one op (no second full-size op). With neuron dropout in
-        training the delta's output must be dropped on its own, so it runs as a second op then."""
+        training, or in bypass mode, the delta runs as its own op beside the untouched base layer."""
         d = self.training_delta()
-        if self.training and self.dropout is not None:
+        if self.bypass or (self.training and self.dropout is not None):
             delta_out = self.geometry.apply(x, (self.multiplier * d).to(x.dtype))
-            return self.base_forward(x) + F.dropout(delta_out, p=self.dropout)
+            return self.base_forward(x) + (F.dropout(delta_out, p=self.dropout) if self.training and self.dropout else delta_out)
         return self.merged_forward(x, d)
 
     def training_delta(self) -> torch.Tensor:

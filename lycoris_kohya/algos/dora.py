@@ -10,7 +10,7 @@ axis (the DoRA paper's and peft's).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -28,7 +28,7 @@ def norm_dims(ndim: int, axis: str) -> tuple:
 
 def weight_norm(w: torch.Tensor, axis: str) -> torch.Tensor:
     """||w|| on the axis, keepdim, computed in fp32; shaped as ``dora_scale`` is stored."""
-    return w.float().norm(dim=norm_dims(w.dim(), axis), keepdim=True)
+    return torch.linalg.vector_norm(w.float(), dim=norm_dims(w.dim(), axis), keepdim=True)
 
 
 def scale_shape(weight_shape: Sequence[int], axis: str) -> tuple:
@@ -48,35 +48,21 @@ def axis_of(scale_shape_: Sequence[int], weight_shape: Sequence[int]) -> str:
     raise ValueError(f"dora_scale of shape {list(s)} fits neither axis of a weight {list(w)}")
 
 
-def merge(
-    w0: torch.Tensor,
-    scaled_delta: torch.Tensor,
-    magnitude: torch.Tensor,
-    axis: str,
-    multiplier: float,
-    detach_norm: bool = False,
-) -> torch.Tensor:
-    """W0 + m * (V * magnitude / ||V|| - W0) with V = W0 + g*dW."""
-    v = w0 + scaled_delta
-    n = weight_norm(v, axis)
-    if detach_norm:
-        n = n.detach()
-    wd = v * (magnitude.reshape(n.shape) / n)
-    return w0 + multiplier * (wd - w0)
-
-
 def direction_factor(
-    w0: torch.Tensor, scaled_delta: torch.Tensor, magnitude: torch.Tensor, axis: str,
-    detach_norm: bool = False,
+    w0: torch.Tensor, scaled_delta: torch.Tensor, magnitude: torch.Tensor, axis: str, detach_norm: bool = False,
 ) -> torch.Tensor:
-    """magnitude / ||V||, shaped to broadcast against the weight."""
+    """magnitude / ||W0 + g*dW|| on the axis, shaped like ``dora_scale`` (computed once per call).
+    ``detach_norm`` treats the norm as a constant in backward (the DoRA paper, section 4.3)."""
     n = weight_norm(w0 + scaled_delta, axis)
     if detach_norm:
         n = n.detach()
     return magnitude.reshape(n.shape) / n
 
 
-def check_axis(value: Optional[str]) -> Optional[str]:
-    if value not in (None, INPUT, OUTPUT):
-        raise ValueError(f"unknown DoRA axis {value!r}; expected {INPUT!r} or {OUTPUT!r}")
-    return value
+def merge(
+    w0: torch.Tensor, scaled_delta: torch.Tensor, magnitude: torch.Tensor, axis: str, multiplier: float,
+    detach_norm: bool = False,
+) -> torch.Tensor:
+    """W0 + m * (V * magnitude / ||V|| - W0) with V = W0 + g*dW."""
+    v = w0 + scaled_delta
+    return w0 + multiplier * (v * direction_factor(w0, scaled_delta, magnitude, axis, detach_norm) - w0)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora as dora_math
 from .base import Adapter, LayerGeometry, kaiming
 
 DOWN, UP, MID = "lora_down.weight", "lora_up.weight", "lora_mid.weight"
@@ -104,9 +105,9 @@ class LoConAdapter(Adapter):
         d = delta(t, self.geometry.weight_shape) * self.scale
         return d if self.scalar is None else d * self.scalar
 
-    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = base(x) + m*g * up(mid(down(x))): the low-rank path beside the base layer."""
-        y = self.base_forward(x)
+    def lowrank(self, x: torch.Tensor) -> torch.Tensor:
+        """g * up(mid(down(x))), with the training dropouts: the delta's output without ever
+        building dW."""
         g = self.geometry
         dt = x.dtype
         down = self.lora_down.weight.to(dt)
@@ -118,7 +119,7 @@ class LoConAdapter(Adapter):
         else:
             h = F.conv2d(x, down, None, g.stride, g.padding, g.dilation)
 
-        scale = self.multiplier * self.scale
+        scale = self.scale
         if self.training:
             if self.dropout is not None:
                 h = F.dropout(h, p=self.dropout)
@@ -133,4 +134,32 @@ class LoConAdapter(Adapter):
         out = F.conv2d(h, up) if g.is_conv else F.linear(h, up)
         if self.scalar is not None:
             out = out * self.scalar.to(dt)
-        return y + out * scale
+        return out * scale
+
+    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """y = base(x) + m * g * up(mid(down(x))): the low-rank path beside the base layer."""
+        return self.base_forward(x) + self.multiplier * self.lowrank(x)
+
+    def dora_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """DoRA from the base layer's own output, with no second full-size op.
+
+        s = magnitude / ||W0 + g*dW|| (computed once, in fp32). Input axis (m = 1): scaling input
+        columns commutes with the layer, so y = base(s*x) + g*dW(s*x). Output axis (any m):
+        y = base(x) + m * ((s - 1) * (base(x) - bias) + s * g*dW(x)). Other cases (input axis at
+        0 < m < 1, rank dropout, which acts on the weight here) use the merged weight."""
+        axis = self.dora_axis
+        if (self.training and self.rank_dropout is not None) or (axis == dora_math.INPUT and self.multiplier != 1):
+            return super().dora_forward(x)
+        w0 = self.layer.weight
+        s = dora_math.direction_factor(w0.float(), self.delta().float(), self.dora_scale.float(), axis,
+                                       detach_norm=self.dora_detach_norm)
+        g = self.geometry
+        if axis == dora_math.INPUT:
+            s = s.reshape(1, -1, 1, 1) if g.is_conv else s.reshape(-1)
+            xs = x * s.to(x.dtype)
+            return self.base_forward(xs) + self.lowrank(xs)
+        s = (s.reshape(1, -1, 1, 1) if g.is_conv else s.reshape(-1)).to(x.dtype)
+        y = self.base_forward(x)
+        bias = self.layer.bias
+        y0 = y if bias is None else y - (bias.reshape(1, -1, 1, 1) if g.is_conv else bias).to(y.dtype)
+        return y + self.multiplier * ((s - 1) * y0 + s * self.lowrank(x))

@@ -1,0 +1,246 @@
+"""DoRA (dora_wd=True) on LoCon, LoHa and LoKr, against the formula of SPEC section 3 written here:
+V = W0 + g*dW; W_d = V * dora_scale / ||V|| (per input column or output row); W = W0 + m*(W_d - W0)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+import lycoris_kohya
+from lycoris_kohya.config import ConfigError
+
+from conftest import randomize
+from test_algorithms import INPUTS, ToyUNet, apply_layer, reference_delta
+
+
+def column_norm(w):
+    """||.|| per input column: over the output and kernel dims -> [1, in, (1, 1)]."""
+    per_in = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
+    return per_in.reshape(1, w.shape[1], *([1] * (w.dim() - 2)))
+
+
+def row_norm(w):
+    """||.|| per output row -> [out, 1, (1, 1)]."""
+    return w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *([1] * (w.dim() - 1)))
+
+
+def trained_weight(w0, g, dw, scale, m, axis):
+    v = w0 + g * dw
+    n = column_norm(v) if axis == "input" else row_norm(v)
+    return w0 + m * (v * scale / n - w0)
+
+
+# clean-room re-statements of what the UIs compute from a file (SPEC section 3, not their code)
+def comfyui_weight(w0, g, dw, scale, m):
+    v = w0 + g * dw
+    if scale.shape[0] == 1:  # input axis: norm of V per input column
+        wd = v * (scale / column_norm(v))
+    else:  # output axis: ComfyUI divides by ||W0|| instead of ||V||
+        wd = v * (scale / row_norm(w0))
+    return w0 + m * (wd - w0)
+
+
+def a1111_weight(w0, g, dw, scale, m):
+    v = w0 + g * dw
+    assert scale.shape[0] == 1, "A1111 only implements the input axis"
+    return w0 + m * (v * scale / column_norm(v) - w0)
+
+
+ALGOS = {"locon": {"algo": "locon"}, "locon_tucker": {"algo": "locon", "use_tucker": "true"},
+         "loha": {"algo": "loha"}, "lokr": {"algo": "lokr"}, "lokr_tucker": {"algo": "lokr", "use_tucker": "true"}}
+
+
+def build(algo, axis="input", seed=0, **extra):
+    unet = ToyUNet()
+    args = dict(ALGOS[algo], dora_wd="true", wd_on_output=str(axis == "output"), **extra)
+    net = lycoris_kohya.create_network(1.0, 2, 3.0, None, [], unet, **args)
+    randomize(net, seed=seed, std=0.2)
+    with torch.no_grad():  # magnitudes near ||W0|| but not equal, as after some training
+        for a in net.loras:
+            a.dora_scale.mul_(0).add_(column_norm(a.layer.weight) if axis == "input" else row_norm(a.layer.weight))
+            a.dora_scale.mul_(1 + 0.1 * torch.rand(a.dora_scale.shape))
+    return unet, net
+
+
+@pytest.mark.parametrize("algo", list(ALGOS))
+@pytest.mark.parametrize("axis", ["input", "output"])
+@pytest.mark.parametrize("m", [0.0, 0.5, 1.0])
+def test_forward_equals_closed_form(algo, axis, m):
+    unet, net = build(algo, axis)
+    net.apply_to([], unet)
+    net.set_multiplier(m)
+    net.eval()
+    sd = net.export_state_dict()
+    for a in net.loras:
+        name = a.lora_name.replace("lora_unet_block_", "")
+        layer = getattr(unet.block, name)
+        g, dw = reference_delta(sd, a.lora_name, layer.weight.shape)
+        w = trained_weight(layer.weight, g, dw, sd[a.lora_name + ".dora_scale"], m, axis)
+        x = INPUTS[name]()
+        with torch.no_grad():
+            got, want = layer(x), apply_layer(layer, w, x)
+            assert torch.allclose(got, want, atol=1e-4, rtol=1e-4), (algo, axis, m, name, (got - want).abs().max())
+            if m == 0:
+                assert torch.equal(got, apply_layer(layer, layer.weight, x))
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha"])
+@pytest.mark.parametrize("axis", ["input", "output"])
+def test_output_is_linear_in_the_multiplier(algo, axis):
+    unet, net = build(algo, axis)
+    net.apply_to([], unet)
+    net.eval()
+    x = INPUTS["conv"]()
+    outs = {}
+    with torch.no_grad():
+        for m in (0.0, 0.5, 1.0, 2.0):
+            net.set_multiplier(m)
+            outs[m] = unet.block.conv(x)
+    assert torch.allclose(outs[0.5], (outs[0.0] + outs[1.0]) / 2, atol=1e-5)
+    assert torch.allclose(outs[2.0], 2 * outs[1.0] - outs[0.0], atol=1e-4)
+
+
+def test_scale_layout_is_a_registered_parameter_initialised_from_w0():
+    unet = ToyUNet()
+    net = lycoris_kohya.create_network(1.0, 2, 1.0, None, [], unet, algo="locon", dora_wd="true")
+    by = {a.lora_name.replace("lora_unet_block_", ""): a for a in net.loras}
+    assert tuple(by["lin"].dora_scale.shape) == (1, 64)
+    assert tuple(by["conv"].dora_scale.shape) == (1, 32, 1, 1)
+    params = {id(p) for p in net.parameters()}
+    assert all(id(a.dora_scale) in params for a in net.loras)
+    assert torch.allclose(by["conv"].dora_scale, column_norm(unet.block.conv.weight))
+    out = lycoris_kohya.create_network(1.0, 2, 1.0, None, [], ToyUNet(), algo="loha", dora_wd="true", wd_on_output="1")
+    assert tuple(out.loras[0].dora_scale.shape) == (48, 1)
+    # a fresh network (zero delta, magnitude = ||W0||) is the base model
+    net.apply_to([], unet)
+    x = INPUTS["conv"]()
+    assert torch.allclose(unet.block.conv(x), apply_layer(unet.block.conv, unet.block.conv.weight, x), atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
+def test_saved_file_applied_by_ui_formulas_matches_training_on_the_default_axis(algo, tmp_path):
+    unet, net = build(algo, "input")
+    path = str(tmp_path / "d.safetensors")
+    net.save_weights(path, torch.float32, {})
+    sd = load_file(path)
+    for a in net.loras:
+        w0 = a.layer.weight.detach()
+        g, dw = reference_delta(sd, a.lora_name, w0.shape)
+        scale = sd[a.lora_name + ".dora_scale"]
+        for m in (0.5, 1.0):
+            trained = a.merged_weight(m)
+            assert torch.allclose(comfyui_weight(w0, g, dw, scale, m), trained, atol=1e-5)
+            assert torch.allclose(a1111_weight(w0, g, dw, scale, m), trained, atol=1e-5)
+
+
+def test_output_axis_is_what_comfyui_gets_wrong():
+    """Why the default is the input axis: on the output axis ComfyUI's weight differs from training."""
+    _, net = build("loha", "output")
+    sd = net.export_state_dict()
+    a = net.loras[0]
+    w0 = a.layer.weight.detach()
+    g, dw = reference_delta(sd, a.lora_name, w0.shape)
+    comfy = comfyui_weight(w0, g, dw, sd[a.lora_name + ".dora_scale"], 1.0)
+    assert not torch.allclose(comfy, a.merged_weight(1.0), atol=1e-3)
+
+
+@pytest.mark.parametrize("axis", ["input", "output"])
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr_tucker"])
+def test_reload_is_exact_for_both_axes(algo, axis, tmp_path):
+    unet, net = build(algo, axis)
+    path = str(tmp_path / "d.safetensors")
+    net.save_weights(path, torch.float32, {})
+    loaded, _ = lycoris_kohya.create_network_from_weights(0.5, path, None, [], ToyUNet())
+    for a, b in zip(net.loras, loaded.loras):
+        assert b.dora_axis == axis
+        assert torch.equal(a.dora_scale, b.dora_scale)
+        assert torch.allclose(a.merged_weight(0.5), b.merged_weight(), atol=1e-6)
+
+
+def test_merge_to_uses_the_formula(tmp_path):
+    unet, net = build("lokr", "input")
+    path = str(tmp_path / "d.safetensors")
+    net.save_weights(path, torch.float32, {})
+    sd = load_file(path)
+    target = ToyUNet()
+    w0 = target.block.conv.weight.detach().clone()
+    merger, weights_sd = lycoris_kohya.create_network_from_weights(0.5, path, None, [], target, for_inference=True)
+    merger.merge_to([], target, weights_sd, torch.float32, "cpu")
+    g, dw = reference_delta(sd, "lora_unet_block_conv", w0.shape)
+    want = trained_weight(w0, g, dw, sd["lora_unet_block_conv.dora_scale"], 0.5, "input")
+    assert torch.allclose(target.block.conv.weight, want, atol=1e-5)
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha"])
+def test_bf16_base_and_bf16_network(algo):
+    unet, net = build(algo, "input")
+    ref_unet = ToyUNet()
+    ref_unet.load_state_dict(unet.state_dict())
+    unet.to(torch.bfloat16)
+    net.to(torch.bfloat16)  # full_bf16: dora_scale moves with the network
+    assert all(a.dora_scale.dtype == torch.bfloat16 for a in net.loras)
+    net.apply_to([], unet)
+    net.eval()
+    sd = {k: v.float() for k, v in net.export_state_dict().items()}
+    x = INPUTS["conv"]()
+    g, dw = reference_delta(sd, "lora_unet_block_conv", unet.block.conv.weight.shape)
+    w0 = unet.block.conv.weight.float()
+    want = apply_layer(ref_unet.block.conv, trained_weight(w0, g, dw, sd["lora_unet_block_conv.dora_scale"], 1.0, "input"), x)
+    with torch.no_grad():
+        got = unet.block.conv(x.to(torch.bfloat16)).float()
+    assert torch.allclose(got, want, atol=0.05, rtol=0.05)
+
+
+def test_magnitude_and_factors_train():
+    unet, net = build("locon", "input")
+    net.apply_to([], unet)
+    net.train()
+    x = INPUTS["conv"]()
+    unet.block.conv(x).square().mean().backward()
+    a = [a for a in net.loras if a.lora_name.endswith("_conv")][0]
+    assert a.dora_scale.grad is not None and a.dora_scale.grad.abs().sum() > 0
+    assert a.lora_up.weight.grad.abs().sum() > 0
+
+
+def test_detached_norm_keeps_the_forward():
+    unet, net = build("locon", "input")
+    _, net2 = build("locon", "input", dora_detach_norm="true")
+    net2.load_state_dict(net.state_dict())
+    x = INPUTS["lin"]()
+    a, b = net.loras[0], net2.loras[0]
+    assert torch.allclose(a(x), b(x))
+
+
+def test_bypass_mode_with_dora_is_refused():
+    with pytest.raises(ConfigError, match="bypass_mode"):
+        lycoris_kohya.create_network(1.0, 2, 1.0, None, [], ToyUNet(), algo="loha", dora_wd="true", bypass_mode="true")
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_bypass_mode_without_dora_is_exact(algo):
+    unets, nets = [], []
+    for bypass in ("false", "true"):
+        unet = ToyUNet()
+        net = lycoris_kohya.create_network(0.7, 2, 3.0, None, [], unet, algo=algo, bypass_mode=bypass)
+        randomize(net, seed=4, std=0.2)
+        net.apply_to([], unet)
+        unets.append(unet)
+    assert all(a.bypass for a in net.loras)
+    for name, make_x in INPUTS.items():
+        x = make_x()
+        with torch.no_grad():
+            a, b = getattr(unets[0].block, name)(x), getattr(unets[1].block, name)(x)
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_max_norm_bounds_the_update_inside_the_normalisation():
+    unet, net = build("loha", "input")
+    scales = {a.lora_name: a.dora_scale.detach().clone() for a in net.loras}
+    norms = {a.lora_name: float(a.delta().detach().norm()) for a in net.loras}
+    limit = min(norms.values()) / 2
+    scaled, mean, mx = net.apply_max_norm_regularization(limit, "cpu")
+    assert scaled == len(net.loras)
+    for a in net.loras:
+        assert float(a.delta().detach().norm()) == pytest.approx(limit, rel=1e-4)
+        assert torch.equal(a.dora_scale, scales[a.lora_name])
+    assert mx == pytest.approx(limit, rel=1e-4)
