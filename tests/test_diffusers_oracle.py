@@ -33,6 +33,16 @@ CONV_DIM, CONV_ALPHA = 4, 1.0  # 3x3 conv modules: scale 0.25
 REL_TOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models are tiny: one intra-op thread is fastest and avoids OpenMP spin contention
+    when other jobs share the CPU (seconds instead of tens of seconds). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def oracle_tiny_sd(tmp_path_factory):
     from make_tiny_sd import build_tiny_sd
@@ -129,9 +139,11 @@ def _load_and_fuse(pipe, file, m):
     return injected
 
 
-def test_network_covers_every_layer_kind(oracle):
+def test_network_covers_every_layer_kind(oracle_tiny_sd, tmp_path):
     """The file exercises linear, 1x1 and 3x3 conv U-Net modules and text encoder modules."""
-    _, te, unet, net, file = oracle
+    te, unet = _fresh_models(oracle_tiny_sd)
+    net = _network(te, unet)
+    file = _save(net, tmp_path)
     kinds = {_kind(a.layer) for a in net.unet_loras}
     assert kinds == {"linear", "conv1x1", "conv3x3"}
     assert len(net.text_encoder_loras) == 12  # 2 CLIP layers x (q, k, v, out, fc1, fc2)
@@ -144,21 +156,32 @@ def test_network_covers_every_layer_kind(oracle):
     assert all(tuple(sd[a.lora_name + ".lora_up.weight"].shape[2:]) == (1, 1) for a in conv3)
 
 
-@pytest.mark.parametrize("m", [1.0, 0.5, 0.7])
-def test_diffusers_fused_weights_equal_merged_weight(oracle, m):
+@pytest.mark.parametrize("m", [1.0, 0.5])
+def test_diffusers_fused_pipeline_equals_our_network(oracle, m):
+    """load_lora_weights + fuse_lora(lora_scale=m): every adapted layer's fused weight equals our
+    merged_weight(m), no other layer changes, and U-Net / text encoder outputs equal our hooks."""
     pipe, te, unet, net, file = oracle
     paths = _paths(net, te, unet)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, te.config.vocab_size, (2, 16), generator=g)
+    sample = torch.randn(2, 4, 8, 8, generator=g)
+    t = torch.tensor([10, 500])
+
     before = {"unet": _weights(pipe.unet), "te": _weights(pipe.text_encoder)}
     # our copies and the pipeline start from the same checkpoint
     for a in net.loras:
         where, path = paths[a.lora_name]
         assert torch.equal(before[where][path], a.layer.weight)
+    with torch.no_grad():
+        base_h = te(ids).last_hidden_state
+        base_eps = unet(sample, t, encoder_hidden_states=base_h).sample
 
     injected = _load_and_fuse(pipe, file, m)
     # peft wrapped exactly our layers: nothing dropped, nothing extra
     assert injected["unet"] == sorted(p for w, p in paths.values() if w == "unet")
     assert injected["te"] == sorted(p for w, p in paths.values() if w == "te")
 
+    # ----- weights ------------------------------------------------------------------------
     after = {"unet": _weights(pipe.unet), "te": _weights(pipe.text_encoder)}
     changed = {
         (where, n) for where in ("unet", "te") for n in after[where]
@@ -179,15 +202,32 @@ def test_diffusers_fused_weights_equal_merged_weight(oracle, m):
             tol = REL_TOL * float(ours.abs().max())
             diff = float((theirs - ours).abs().max())
             assert diff <= tol, f"{a.lora_name} ({_kind(a.layer)}): max |diffusers - ours| = {diff:.3g} > {tol:.3g}"
-            # honesty: a wrong scale (e.g. ignoring conv_alpha / the per-module alpha, or using
-            # alpha/rank inverted) or a wrong multiplier is far outside the tolerance
+            # honesty: a wrong scale (e.g. the linear alpha on a 3x3 conv: 2x, or alpha/rank
+            # halved) or a wrong multiplier is far outside the tolerance
             d = a.delta().float()
             for wrong in (base + m * d * 2.0, base + m * d * 0.5, base + d * (m + 0.25)):
                 assert float((theirs - wrong).abs().max()) > 100 * tol
         k = "te" if where == "te" else _kind(a.layer)
-        worst[k] = max(worst.get(k, 0.0), diff / max(tol / REL_TOL, 1e-30))
+        worst[k] = max(worst.get(k, 0.0), diff / (tol / REL_TOL))
     assert set(worst) == {"te", "linear", "conv1x1", "conv3x3"}
-    print(f"m={m}: max relative |diffusers - ours| by kind: " + ", ".join(f"{k} {v:.2e}" for k, v in sorted(worst.items())))
+    print(f"m={m}: max |diffusers - ours| / max|W| by kind: " + ", ".join(f"{k} {v:.2e}" for k, v in sorted(worst.items())))
+
+    # ----- outputs: diffusers-fused pipeline vs our forward hooks ------------------------------
+    with torch.no_grad():
+        theirs_h = pipe.text_encoder(ids).last_hidden_state
+        theirs_eps = pipe.unet(sample, t, encoder_hidden_states=theirs_h).sample
+        net.apply_to(te, unet)
+        net.set_multiplier(m)
+        ours_h = te(ids).last_hidden_state
+        ours_eps = unet(sample, t, encoder_hidden_states=ours_h).sample
+
+    for name, ours, theirs, base in (("text encoder", ours_h, theirs_h, base_h), ("unet", ours_eps, theirs_eps, base_eps)):
+        scale = float(ours.abs().max())
+        diff = float((ours - theirs).abs().max())
+        effect = float((ours - base).abs().max())
+        assert effect > 1e-2 * scale, f"{name}: the network barely changes the output ({effect:.3g})"
+        assert diff <= 1e-4 * scale, f"{name}: max |ours - diffusers| = {diff:.3g} (output scale {scale:.3g})"
+        print(f"m={m} {name}: max |ours - diffusers| = {diff:.2e}, LoRA effect {effect:.2e}, scale {scale:.2e}")
 
 
 def test_wrong_conv_alpha_would_be_caught(oracle_tiny_sd, tmp_path):
@@ -217,37 +257,6 @@ def test_wrong_conv_alpha_would_be_caught(oracle_tiny_sd, tmp_path):
             assert diff > 100 * tol, a.lora_name
         else:
             assert diff <= tol, a.lora_name
-
-
-@pytest.mark.parametrize("m", [1.0, 0.5])
-def test_diffusers_fused_forward_equals_our_hooks(oracle, m):
-    """Full U-Net and text encoder outputs: diffusers-fused pipeline vs our forward hooks."""
-    pipe, te, unet, net, file = oracle
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, te.config.vocab_size, (2, 77), generator=g)
-    sample = torch.randn(2, 4, 8, 8, generator=g)
-    t = torch.tensor([10, 500])
-
-    with torch.no_grad():
-        base_h = te(ids).last_hidden_state
-        base_eps = unet(sample, t, encoder_hidden_states=base_h).sample
-
-        _load_and_fuse(pipe, file, m)
-        theirs_h = pipe.text_encoder(ids).last_hidden_state
-        theirs_eps = pipe.unet(sample, t, encoder_hidden_states=theirs_h).sample
-
-        net.apply_to(te, unet)
-        net.set_multiplier(m)
-        ours_h = te(ids).last_hidden_state
-        ours_eps = unet(sample, t, encoder_hidden_states=ours_h).sample
-
-    for name, ours, theirs, base in (("text encoder", ours_h, theirs_h, base_h), ("unet", ours_eps, theirs_eps, base_eps)):
-        scale = float(ours.abs().max())
-        diff = float((ours - theirs).abs().max())
-        effect = float((ours - base).abs().max())
-        assert effect > 1e-2 * scale, f"{name}: the network barely changes the output ({effect:.3g})"
-        assert diff <= 1e-4 * scale, f"{name}: max |ours - diffusers| = {diff:.3g} (output scale {scale:.3g})"
-        print(f"m={m} {name}: max |ours - diffusers| = {diff:.2e}, LoRA effect {effect:.2e}, scale {scale:.2e}")
 
 
 def test_tucker_locon_is_refused_by_diffusers_not_misread(oracle_tiny_sd, tmp_path):
