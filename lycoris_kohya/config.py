@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field, fields
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 logger = logging.getLogger(__name__)
 
@@ -87,7 +87,16 @@ class NetworkConfig:
     loraplus_lr_ratio: Optional[float] = None
     loraplus_unet_lr_ratio: Optional[float] = None
     loraplus_text_encoder_lr_ratio: Optional[float] = None
-    preset: str = "full"
+    preset: str = "default"
+    # block-wise control, as kohya's networks.lora (25 blocks for SD1/2, 23 for SDXL)
+    block_dims: Optional[Tuple[int, ...]] = None
+    block_alphas: Optional[Tuple[float, ...]] = None
+    conv_block_dims: Optional[Tuple[int, ...]] = None
+    conv_block_alphas: Optional[Tuple[float, ...]] = None
+    down_lr_weight: Optional[Union[str, Tuple[float, ...]]] = None
+    mid_lr_weight: Optional[Tuple[float, ...]] = None
+    up_lr_weight: Optional[Union[str, Tuple[float, ...]]] = None
+    block_lr_zero_threshold: float = 0.0
 
     @property
     def effective_conv_dim(self) -> int:
@@ -152,7 +161,38 @@ def _parse_one(key: str, v: Any, label: Optional[str] = None) -> Any:
         return x
     if key == "preset":
         return str(v)
+    if key in ("block_dims", "conv_block_dims"):
+        return _parse_list(label, v, int, 0)
+    if key in ("block_alphas", "conv_block_alphas", "mid_lr_weight"):
+        return _parse_list(label, v, float, 0)
+    if key in ("down_lr_weight", "up_lr_weight"):
+        if isinstance(v, str) and "," not in v:
+            name = v.split("+")[0].strip()
+            if name not in LR_WEIGHT_CURVES:
+                raise ConfigError(f"network_arg {label}={v!r}: use a comma-separated list or one of "
+                                  f"{', '.join(LR_WEIGHT_CURVES)} (optionally +offset, e.g. sine+0.1)")
+            if "+" in v:
+                parse_number(label, v.split("+", 1)[1], float)
+            return v.strip()
+        return _parse_list(label, v, float, 0)
+    if key == "block_lr_zero_threshold":
+        return parse_number(label, v, float, minimum=0)
     raise ConfigError(f"unknown network_arg {key!r}")  # pragma: no cover - guarded by caller
+
+
+LR_WEIGHT_CURVES = ("cosine", "sine", "linear", "reverse_linear", "zeros")
+
+
+def _parse_list(label: str, v: Any, kind: type, minimum: float) -> Optional[tuple]:
+    """A comma-separated string ("4,4,8") or a TOML list; empty entries are 0, as kohya reads them."""
+    if _is_none(v):
+        return None
+    items = v.split(",") if isinstance(v, str) else list(v) if isinstance(v, (list, tuple)) else [v]
+    out = []
+    for i, item in enumerate(items):
+        item = 0 if isinstance(item, str) and not item.strip() else item
+        out.append(parse_number(f"{label}[{i}]", item, kind, minimum=minimum))
+    return tuple(out)
 
 
 def parse_config(
@@ -186,17 +226,53 @@ def parse_config(
         seen_from[key] = raw_key
         values[key] = x
     cfg = NetworkConfig(**values)
-    validate(cfg)
+    validate(cfg, given=set(values))
     return cfg
 
 
-def validate(cfg: NetworkConfig) -> None:
+#: options that mean something for some algorithms only
+ALGO_ONLY = {"factor": ("lokr",), "decompose_both": ("lokr",), "full_matrix": ("lokr",),
+             "unbalanced_factorization": ("lokr",)}
+#: what a preset's per-class / per-path override may set
+OVERRIDABLE = ("algo", "dim", "alpha", "conv_dim", "conv_alpha", "dropout", "rank_dropout", "module_dropout",
+               "use_tucker", "use_scalar", "rs_lora", "factor", "decompose_both", "full_matrix",
+               "unbalanced_factorization", "dora_wd", "wd_on_output")
+
+
+def parse_overrides(where: str, raw: Mapping[str, Any]) -> Dict[str, Any]:
+    """A preset's override table ({"algo": "lokr", "dim": 8, ...}) -> typed values. In an override,
+    dim/alpha apply to the matched layers whatever their kind (also kxk convs)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a table of options, got {raw!r}")
+    out: Dict[str, Any] = {}
+    for raw_key, v in raw.items():
+        key, transform = _ALIASES.get(raw_key, (raw_key, None))
+        if key not in OVERRIDABLE:
+            raise ConfigError(f"{where}: option {raw_key!r} cannot be set per module; accepted: {', '.join(OVERRIDABLE)}")
+        x = _parse_one(key, v, f"{where}.{raw_key}")
+        out[key] = transform(x) if transform else x
+    if "dim" in out and "conv_dim" not in out:
+        out["conv_dim"] = out["dim"]
+    if "alpha" in out and "conv_alpha" not in out:
+        out["conv_alpha"] = out["alpha"]
+    return out
+
+
+def validate(cfg: NetworkConfig, given=()) -> None:
     if cfg.algo not in ALGOS:
         raise ConfigError(f"network_arg algo={cfg.algo!r}; accepted: {', '.join(ALGOS)}")
-    if cfg.wd_on_output and not cfg.dora_wd:
-        logger.warning("network_arg wd_on_output has no effect without dora_wd=True")
+    for key, algos in ALGO_ONLY.items():
+        if key in given and cfg.algo not in algos:
+            raise ConfigError(f"network_arg {key} applies to algo={'/'.join(algos)} only, not algo={cfg.algo}")
+    for key in ("wd_on_output", "dora_detach_norm"):
+        if key in given and getattr(cfg, key) and not cfg.dora_wd:
+            logger.warning(f"network_arg {key} has no effect without dora_wd=True")
+    if (cfg.block_alphas is not None and cfg.block_dims is None) or \
+            (cfg.conv_block_alphas is not None and cfg.conv_block_dims is None):
+        raise ConfigError("network_args block_alphas / conv_block_alphas need block_dims / conv_block_dims")
     if cfg.bypass_mode and cfg.dora_wd:
         raise ConfigError("network_args bypass_mode and dora_wd cannot be combined: DoRA normalises the merged "
                           "weight W0 + g*dW, which bypass mode never forms; drop one of them")
     if cfg.train_norm:
-        raise ConfigError("network_arg train_norm is not supported yet")
+        raise ConfigError("network_arg train_norm is not supported: it trains norm layers as full-rank "
+                          "w_norm/b_norm tensors, a different algorithm this plugin does not provide")

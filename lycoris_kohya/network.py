@@ -10,6 +10,8 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import blocks
+from . import presets
 from . import targets as tg
 from . import weights as wio
 from .algos import ALGORITHMS, Adapter
@@ -68,9 +70,13 @@ class LycorisNetwork(nn.Module):
         self.loraplus_unet_lr_ratio = config.loraplus_unet_lr_ratio
         self.loraplus_text_encoder_lr_ratio = config.loraplus_text_encoder_lr_ratio
 
+        self.preset = presets.load(config.preset)
         if specs is None:
-            te_targets, unet_targets = tg.all_targets(text_encoder, unet)
-            chosen = [(t, spec_from_config(config, t)) for t in te_targets + unet_targets]
+            te_targets, unet_targets = tg.select(text_encoder, unet, self.preset)
+            self.is_sdxl = blocks.is_sdxl_layout(t.name for t in unet_targets)
+            blocks.check_lengths(config, self.is_sdxl)
+            self.block_lr_weight = blocks.lr_weights(config, self.is_sdxl)
+            chosen = [(t, self._spec(t)) for t in te_targets + unet_targets]
         else:
             layers = tg.every_layer(text_encoder, unet)
             missing = [n for n in specs if n not in layers]
@@ -80,6 +86,8 @@ class LycorisNetwork(nn.Module):
                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
                 )
             chosen = [(t, specs[n]) for n, t in layers.items() if n in specs]  # the model's order
+            self.is_sdxl = blocks.is_sdxl_layout(specs)
+            self.block_lr_weight = blocks.lr_weights(config, self.is_sdxl)
 
         self.text_encoder_loras: List[Adapter] = []
         self.unet_loras: List[Adapter] = []
@@ -98,7 +106,7 @@ class LycorisNetwork(nn.Module):
             logger.warning(f"alpha {a:g} is stored as {b:g} (the nearest value bf16/fp16 files hold exactly); "
                            "training uses {b:g} so that every reader computes the same scale")
         if not self.text_encoder_loras and not self.unet_loras:
-            raise ValueError("the network has no modules: no layer of the model matched")
+            raise ValueError(f"the network has no modules: preset {self.preset.name!r} matches no layer of this model")
         if any(a.dora_axis == "output" for a in self.loras):
             logger.warning("lycoris_kohya: DoRA on the output axis (wd_on_output=True): ComfyUI and A1111 do not yet "
                            "apply this axis the way it was trained (ComfyUI divides by ||W0||, A1111 only knows the "
@@ -112,6 +120,20 @@ class LycorisNetwork(nn.Module):
                            "(it fails silently); A1111 and this plugin do")
         logger.info(f"lycoris_kohya: {config.algo} network with {len(self.text_encoder_loras)} text encoder "
                     f"and {len(self.unet_loras)} U-Net modules")
+
+    def _block(self, target: tg.Target) -> int:
+        return -1 if target.is_text_encoder else blocks.block_index(target.name, self.is_sdxl)
+
+    def _spec(self, target: tg.Target) -> Optional[ModuleSpec]:
+        """global options < block-wise dims < the preset's per-class < per-path overrides."""
+        idx = self._block(target)
+        if self.block_lr_weight is not None and idx >= 0 and self.block_lr_weight[idx] == 0:
+            return None  # kohya leaves blocks with lr weight 0 out
+        cfg = blocks.block_config(self.config, idx)
+        overrides = self.preset.overrides_for(target.owner_class, target.path)
+        if overrides:
+            cfg = cfg.replace(**overrides)
+        return spec_from_config(cfg, target)
 
     def _make(self, target: tg.Target, spec: ModuleSpec, alpha: float) -> Adapter:
         cls, _ = ALGORITHMS[spec.algo]
@@ -203,11 +225,21 @@ class LycorisNetwork(nn.Module):
             g, d = self._groups(adapters, lr, te_ratio, label)
             groups += g
             descriptions += d
-        if self.unet_loras:
-            lr = unet_lr if unet_lr is not None else default_lr
-            g, d = self._groups(self.unet_loras, lr, self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio, "unet")
+        unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+        lr = unet_lr if unet_lr is not None else default_lr
+        if self.unet_loras and self.block_lr_weight is None:
+            g, d = self._groups(self.unet_loras, lr, unet_ratio, "unet")
             groups += g
             descriptions += d
+        elif self.unet_loras:  # one group per block, lr x the block's weight (kohya's block lr)
+            by_block: Dict[int, List[Adapter]] = {}
+            for a in self.unet_loras:
+                by_block.setdefault(blocks.block_index(a.lora_name, self.is_sdxl), []).append(a)
+            for idx, adapters in sorted(by_block.items()):
+                weight = self.block_lr_weight[idx] if idx >= 0 else 1.0
+                g, d = self._groups(adapters, None if lr is None else lr * weight, unet_ratio, f"unet_block{idx}")
+                groups += g
+                descriptions += d
         return groups, descriptions
 
     def set_loraplus_lr_ratio(self, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio):

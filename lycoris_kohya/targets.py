@@ -7,21 +7,15 @@ a CLIP layer is always ``text_model.encoder.layers.{i}...`` whatever the transfo
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, List, Optional, Tuple
 
 from torch import nn
 
+from .presets import matches
+
 UNET_PREFIX = "lora_unet"
 TE_PREFIX = "lora_te"
-
-# Module classes whose Linear/Conv2d descendants are adapted by default. The names are shared by
-# diffusers' UNet2DConditionModel and sd-scripts' own SD1/2 and SDXL UNets.
-UNET_TARGET_CLASSES = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
-
-_CLIP_LAYER = re.compile(r"^text_model\.encoder\.layers\.\d+\.(?:self_attn\.(?:q|k|v|out)_proj|mlp\.fc[12])$")
-
 
 @dataclass
 class Target:
@@ -29,6 +23,7 @@ class Target:
     path: str  # canonical module path inside its model
     layer: nn.Module
     is_text_encoder: bool
+    owner_class: Optional[str] = None  # class of the preset target module it was found under
 
     @property
     def is_kxk_conv(self) -> bool:
@@ -55,22 +50,6 @@ def _adaptable(m: nn.Module) -> bool:
     return isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)
 
 
-def unet_targets(unet: nn.Module, target_classes: Sequence[str] = UNET_TARGET_CLASSES) -> List[Target]:
-    """Linear/Conv2d layers inside the target module classes, each at most once."""
-    out: List[Target] = []
-    seen_layers = set()
-    for path, module in unet.named_modules():
-        if type(module).__name__ not in target_classes:
-            continue
-        for child_path, child in module.named_modules():
-            if not child_path or not _adaptable(child) or id(child) in seen_layers:
-                continue
-            seen_layers.add(id(child))
-            full = f"{path}.{child_path}" if path else child_path
-            out.append(Target(key_name(UNET_PREFIX, full), full, child, False))
-    return out
-
-
 def canonical_te_path(text_encoder: nn.Module, path: str) -> str:
     """Module path as transformers 4 spells it: transformers 5's CLIPTextModel has no
     ``text_model`` level (it *is* the text transformer), so it is put back."""
@@ -90,11 +69,6 @@ def text_encoder_layers(text_encoder: nn.Module, prefix: str) -> List[Target]:
         canonical = canonical_te_path(text_encoder, path)
         out.append(Target(key_name(prefix, canonical), canonical, module, True))
     return out
-
-
-def text_encoder_targets(text_encoder: nn.Module, prefix: str) -> List[Target]:
-    """q/k/v/out_proj and fc1/fc2 of every CLIP encoder layer."""
-    return [t for t in text_encoder_layers(text_encoder, prefix) if _CLIP_LAYER.search(t.path)]
 
 
 def unet_layers(unet: nn.Module) -> List[Target]:
@@ -118,13 +92,41 @@ def every_layer(text_encoder, unet: Optional[nn.Module]) -> dict:
     return {t.name: t for t in found}
 
 
-def all_targets(text_encoder, unet: Optional[nn.Module]) -> Tuple[List[Target], List[Target]]:
-    """(text encoder targets, unet targets); names are unique or this raises."""
+def _select(model: nn.Module, prefix: str, is_te: bool, modules, names, exclude, enable_conv: bool,
+            path_of: Callable[[str], str]) -> List[Target]:
+    """Adaptable layers under the target classes or at the target paths, each once, in model order."""
+    out: List[Target] = []
+    seen = set()
+
+    def add(path: str, layer: nn.Module, owner: str) -> None:
+        if id(layer) in seen or not _adaptable(layer) or (isinstance(layer, nn.Conv2d) and not enable_conv):
+            return
+        if matches(exclude, path):
+            return
+        seen.add(id(layer))
+        out.append(Target(key_name(prefix, path), path, layer, is_te, owner))
+
+    for raw_path, module in model.named_modules():
+        path = path_of(raw_path)
+        cls = type(module).__name__
+        if matches(modules, cls) or (raw_path and matches(names, path)):
+            for child_path, child in module.named_modules():
+                full = path if not child_path else (f"{path}.{child_path}" if path else path_of(child_path))
+                add(full, child, cls)
+    return out
+
+
+def select(text_encoder, unet: Optional[nn.Module], preset) -> Tuple[List[Target], List[Target]]:
+    """(text encoder targets, unet targets) chosen by a preset; names are unique or this raises."""
     tes = as_list(text_encoder)
     te_targets: List[Target] = []
     for te, prefix in zip(tes, te_prefixes(len(tes))):
-        te_targets += text_encoder_targets(te, prefix)
-    u_targets = unet_targets(unet) if unet is not None else []
+        te_targets += _select(te, prefix, True, preset.text_encoder_target_module, preset.text_encoder_target_name,
+                              preset.exclude_name, preset.enable_conv, lambda p, te=te: canonical_te_path(te, p) if p else p)
+    u_targets: List[Target] = []
+    if unet is not None:
+        u_targets = _select(unet, UNET_PREFIX, False, preset.unet_target_module, preset.unet_target_name,
+                            preset.exclude_name, preset.enable_conv, lambda p: p)
     check_unique(te_targets + u_targets)
     return te_targets, u_targets
 

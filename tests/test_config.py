@@ -65,3 +65,74 @@ def test_unknown_key_lists_accepted_ones():
 def test_negative_network_dim_is_refused():
     with pytest.raises(ConfigError, match="dim"):
         parse_config(-4, 1, None, {})
+
+
+def test_every_option_parses_the_same_from_cli_strings_and_toml_values():
+    import toml
+
+    cli = ["algo=lokr", "conv_dim=4", "conv_alpha=0.5", "dropout=0.1", "rank_dropout=0.2", "module_dropout=0.05",
+           "use_tucker=True", "use_scalar=true", "rs_lora=1", "factor=8", "decompose_both=yes", "full_matrix=False",
+           "unbalanced_factorization=false", "dora_wd=True", "wd_on_output=False", "dora_detach_norm=True",
+           "loraplus_lr_ratio=16", "loraplus_unet_lr_ratio=8", "loraplus_text_encoder_lr_ratio=4", "preset=attn-mlp",
+           "block_dims=" + ",".join(["4"] * 25), "block_alphas=" + ",".join(["2"] * 25),
+           "conv_block_dims=" + ",".join(["2"] * 25), "conv_block_alphas=" + ",".join(["1"] * 25),
+           "down_lr_weight=sine+0.1", "mid_lr_weight=2", "up_lr_weight=1,1,0.5", "block_lr_zero_threshold=0.1"]
+    from_cli = parse_config("8", "4", None, dict(x.split("=", 1) for x in cli))
+    native = toml.loads('''
+algo = "lokr"
+conv_dim = 4
+conv_alpha = 0.5
+dropout = 0.1
+rank_dropout = 0.2
+module_dropout = 0.05
+use_tucker = true
+use_scalar = true
+rs_lora = true
+factor = 8
+decompose_both = true
+full_matrix = false
+unbalanced_factorization = false
+dora_wd = true
+wd_on_output = false
+dora_detach_norm = true
+loraplus_lr_ratio = 16
+loraplus_unet_lr_ratio = 8
+loraplus_text_encoder_lr_ratio = 4
+preset = "attn-mlp"
+block_dims = [4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4]
+block_alphas = [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+conv_block_dims = [2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2, 2]
+conv_block_alphas = [1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+down_lr_weight = "sine+0.1"
+mid_lr_weight = [2]
+up_lr_weight = [1.0, 1.0, 0.5]  # the toml package sd-scripts uses wants one number type per array
+block_lr_zero_threshold = 0.1
+''')
+    from_toml = parse_config(8, 4, None, native)
+    assert from_cli == from_toml
+    assert from_cli.factor == 8 and from_cli.block_dims == (4,) * 25 and from_cli.up_lr_weight == (1.0, 1.0, 0.5)
+    assert from_cli.dora_axis == "input" and from_cli.preset == "attn-mlp"
+
+
+@pytest.mark.parametrize("key,value", [("factor", "4"), ("decompose_both", "true"), ("full_matrix", "true"),
+                                       ("unbalanced_factorization", "true")])
+def test_lokr_only_options_with_another_algo_are_errors(key, value):
+    with pytest.raises(ConfigError, match=key):
+        parse_config(4, 1, None, {"algo": "loha", key: value})
+
+
+def test_harmless_misplaced_options_warn(caplog):
+    parse_config(4, 1, None, {"wd_on_output": "true"})
+    assert "wd_on_output has no effect" in caplog.text
+
+
+@pytest.mark.parametrize("args,match", [
+    ({"down_lr_weight": "sinus"}, "down_lr_weight"),
+    ({"block_dims": "4,x,4"}, r"block_dims\[1\]"),
+    ({"block_alphas": "1,1"}, "block_alphas need block_dims"),
+    ({"train_norm": "true"}, "train_norm"),
+    ({"bypass_mode": "true", "dora_wd": "true"}, "bypass_mode"),
+])
+def test_more_bad_inputs(args, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_config(4, 1, None, args)

@@ -28,3 +28,18 @@ save_precision = "fp16"
 ''')
     assert smoke_train.main(["--config", str(cfg)]) == 0
     assert (tmp_path / "from_toml.safetensors").exists()
+
+
+import os
+
+import pytest
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "examples")
+
+
+@pytest.mark.parametrize("example", sorted(os.listdir(EXAMPLES)))
+def test_example_configs_train_as_they_are(tiny_sd, tmp_path, example):
+    rc = smoke_train.main(["--config", os.path.join(EXAMPLES, example), "--model", tiny_sd, "--steps", "2",
+                           "--output_dir", str(tmp_path)])
+    assert rc == 0
+    assert (tmp_path / example.replace(".toml", ".safetensors")).exists()

@@ -1,0 +1,148 @@
+"""Presets: which layers get adapters, with per-class and per-path overrides. Values, never global state.
+
+Matching rule (one for everything): patterns are shell globs (``fnmatch``: ``*``, ``?``, ``[..]``),
+case-sensitive and anchored: a pattern must match the *whole* class name or the *whole* module path
+(dots as in ``named_modules()``; text encoder paths in their canonical transformers-4 spelling,
+``text_model.encoder.layers.0.self_attn.q_proj``).
+
+A preset is a built-in name or a TOML file (LyCORIS' preset keys):
+
+    enable_conv = true                       # false: Linear layers only
+    unet_target_module = ["Transformer2DModel"]      # classes whose Linear/Conv2d descendants are adapted
+    unet_target_name = ["conv_in"]           # paths adapted (a layer, or every layer below a module)
+    text_encoder_target_module = ["CLIP*Attention*", "CLIPMLP"]
+    text_encoder_target_name = []
+    exclude_name = ["*.attn2.to_k"]          # paths never adapted
+    [module_algo_map.ResnetBlock2D]           # per class (matched against the target class)
+    algo = "lokr"
+    dim = 8
+    [name_algo_map."*.proj_in"]               # per path; wins over the class map
+    dim = 16
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+from .config import ConfigError, parse_overrides
+
+Overrides = Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...]  # ((pattern, ((key, value), ...)), ...)
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    unet_target_module: Tuple[str, ...] = ()
+    unet_target_name: Tuple[str, ...] = ()
+    text_encoder_target_module: Tuple[str, ...] = ()
+    text_encoder_target_name: Tuple[str, ...] = ()
+    exclude_name: Tuple[str, ...] = ()
+    enable_conv: bool = True
+    module_algo_map: Overrides = ()
+    name_algo_map: Overrides = ()
+
+    def overrides_for(self, class_name: Optional[str], path: str) -> Dict[str, Any]:
+        """Per-class then per-path overrides that apply to one layer (later ones win)."""
+        out: Dict[str, Any] = {}
+        if class_name is not None:
+            for pattern, values in self.module_algo_map:
+                if fnmatchcase(class_name, pattern):
+                    out.update(values)
+        for pattern, values in self.name_algo_map:
+            if fnmatchcase(path, pattern):
+                out.update(values)
+        return out
+
+
+def matches(patterns, text: str) -> bool:
+    return any(fnmatchcase(text, p) for p in patterns)
+
+
+_UNET_BLOCKS = ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D")
+_CLIP = ("CLIP*Attention*", "CLIPMLP")
+# conv_in / conv_out / time embedding: diffusers names and sd-scripts' SDXL (SGM) names
+_UNET_EXTRA = ("conv_in", "conv_out", "time_embedding.linear_1", "time_embedding.linear_2",
+               "input_blocks.0.0", "out.2", "time_embed.0", "time_embed.2", "label_emb.0.0", "label_emb.0.2")
+
+BUILTIN: Dict[str, Preset] = {
+    p.name: p
+    for p in (
+        # what you get with no preset: the kohya/LyCORIS training targets
+        Preset("default", _UNET_BLOCKS, (), _CLIP),
+        # also conv_in, conv_out and the time (and SDXL label) embeddings
+        Preset("full", _UNET_BLOCKS, _UNET_EXTRA, _CLIP),
+        # full, Linear layers only
+        Preset("full-lin", _UNET_BLOCKS, _UNET_EXTRA, _CLIP, enable_conv=False),
+        # transformer blocks (attention, feed-forward, proj_in/out) and the text encoder
+        Preset("attn-mlp", ("Transformer2DModel",), (), _CLIP),
+        # attention layers only (diffusers' Attention, sd-scripts' CrossAttention)
+        Preset("attn-only", ("Attention", "CrossAttention"), (), ("CLIP*Attention*",)),
+        Preset("unet-only", _UNET_BLOCKS),
+        Preset("unet-transformer-only", ("Transformer2DModel",)),
+        Preset("unet-convblock-only", ("ResnetBlock2D", "Downsample2D", "Upsample2D")),
+        # the layers (IA)^3 rescales: attention keys/values and the feed-forward output
+        Preset("ia3", (), ("*.attn?.to_k", "*.attn?.to_v", "*.ff.net.2"), (),
+               ("*.self_attn.k_proj", "*.self_attn.v_proj", "*.mlp.fc2")),
+    )
+}
+
+_KEYS = ("enable_conv", "unet_target_module", "unet_target_name", "text_encoder_target_module",
+         "text_encoder_target_name", "exclude_name", "module_algo_map", "name_algo_map", "use_fnmatch")
+PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "presets")
+
+
+def _strings(where: str, v: Any) -> Tuple[str, ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not all(isinstance(x, str) for x in v):
+        raise ConfigError(f"{where} must be a list of strings, got {v!r}")
+    return tuple(v)
+
+
+def _overrides(where: str, v: Any) -> Overrides:
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{where} must be a table of tables, got {v!r}")
+    return tuple((pattern, tuple(parse_overrides(f"{where}.{pattern}", opts).items())) for pattern, opts in v.items())
+
+
+def from_dict(name: str, raw: Mapping[str, Any]) -> Preset:
+    unknown = [k for k in raw if k not in _KEYS]
+    if unknown:
+        raise ConfigError(f"preset {name}: unknown key {unknown[0]!r}; accepted: {', '.join(_KEYS)}")
+    if raw.get("use_fnmatch", True) is not True:
+        raise ConfigError(f"preset {name}: use_fnmatch=false (exact names) is not supported; patterns are "
+                          "globs, and a name without * ? [ ] already matches exactly")
+    enable_conv = raw.get("enable_conv", True)
+    if not isinstance(enable_conv, bool):
+        raise ConfigError(f"preset {name}: enable_conv must be true or false, got {enable_conv!r}")
+    return Preset(
+        name,
+        _strings(f"preset {name}: unet_target_module", raw.get("unet_target_module", [])),
+        _strings(f"preset {name}: unet_target_name", raw.get("unet_target_name", [])),
+        _strings(f"preset {name}: text_encoder_target_module", raw.get("text_encoder_target_module", [])),
+        _strings(f"preset {name}: text_encoder_target_name", raw.get("text_encoder_target_name", [])),
+        _strings(f"preset {name}: exclude_name", raw.get("exclude_name", [])),
+        enable_conv,
+        _overrides(f"preset {name}: module_algo_map", raw.get("module_algo_map", {})),
+        _overrides(f"preset {name}: name_algo_map", raw.get("name_algo_map", {})),
+    )
+
+
+def load(value: str) -> Preset:
+    """A built-in name, a path to a TOML file, or the name of a file in configs/presets/."""
+    if value in BUILTIN:
+        return BUILTIN[value]
+    candidates = [value, os.path.join(PRESET_DIR, value), os.path.join(PRESET_DIR, value + ".toml")]
+    path = next((c for c in candidates if os.path.isfile(c)), None)
+    if path is None:
+        raise ConfigError(f"network_arg preset={value!r} is neither a built-in preset ({', '.join(BUILTIN)}) "
+                          "nor a TOML file")
+    import toml
+
+    try:
+        raw = toml.load(path)
+    except Exception as e:  # toml's own errors name the line
+        raise ConfigError(f"preset file {path}: {e}") from None
+    return from_dict(os.path.basename(path), raw)

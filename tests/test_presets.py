@@ -1,0 +1,178 @@
+"""Presets, per-class/per-path overrides, excludes and block-wise control on diffusers' SD1.x UNet,
+a CLIP text encoder and a model laid out like sd-scripts' SDXL UNet."""
+import os
+
+import pytest
+import torch
+
+import lycoris_kohya
+from lycoris_kohya import presets
+from lycoris_kohya.config import ConfigError
+
+from sdxl_like import SdxlUNet2DConditionModel
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# tiny diffusers UNet (scripts/make_tiny_sd.py): 4 Transformer2DModel (proj_in/out 1x1 conv + 10 Linear
+# each), 8 ResnetBlock2D (2 3x3 convs + time_emb_proj, 5 with a 1x1 shortcut), 1 down- and 1 upsampler,
+# plus conv_in, conv_out and time_embedding.linear_1/2. CLIP: 2 layers x (q, k, v, out_proj, fc1, fc2).
+SD1_COUNTS = {  # preset: (unet, text encoder)
+    "default": (79, 12), "full": (83, 12), "full-lin": (50, 12), "attn-mlp": (48, 12), "attn-only": (32, 8),
+    "unet-only": (79, 0), "unet-transformer-only": (48, 0), "unet-convblock-only": (31, 0), "ia3": (20, 6),
+}
+# the SDXL-like model (tests/sdxl_like.py): 7 resnets (14 3x3 convs, 7 emb Linear, 4 skips), 3 transformers
+# (12 Linear each), Downsample2D.op, Upsample2D.conv, conv_in, out.2, time_embed x2, label_emb x2
+SDXL_COUNTS = {
+    "default": 63, "full": 69, "full-lin": 47, "attn-mlp": 36, "attn-only": 24,
+    "unet-only": 63, "unet-transformer-only": 36, "unet-convblock-only": 27, "ia3": 15,
+}
+
+
+@pytest.mark.parametrize("preset", list(SD1_COUNTS))
+def test_builtin_presets_on_diffusers_unet_and_clip(models, preset):
+    te, unet = models
+    net = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, preset=preset)
+    assert (len(net.unet_loras), len(net.text_encoder_loras)) == SD1_COUNTS[preset]
+
+
+@pytest.mark.parametrize("preset", list(SDXL_COUNTS))
+def test_builtin_presets_on_sd_scripts_sdxl_layout(models, preset):
+    te, _ = models
+    from transformers import CLIPTextModelWithProjection
+
+    unet = SdxlUNet2DConditionModel()
+    net = lycoris_kohya.create_network(1.0, 4, 1, None, [te, CLIPTextModelWithProjection(te.config)], unet,
+                                       preset=preset)
+    assert len(net.unet_loras) == SDXL_COUNTS[preset]
+    names = {a.lora_name for a in net.loras}
+    if preset == "full":
+        assert {"lora_unet_input_blocks_0_0", "lora_unet_out_2", "lora_unet_time_embed_0", "lora_unet_label_emb_0_2"} <= names
+    if preset == "attn-only":
+        assert all("_attn1_" in n or "_attn2_" in n or "self_attn" in n for n in names)
+        assert "lora_te2_text_model_encoder_layers_0_self_attn_q_proj" in names
+
+
+def test_preset_file_with_overrides_and_excludes(tmp_path):
+    from sdxl_like import SdxlUNet2DConditionModel
+
+    p = tmp_path / "mixed.toml"
+    p.write_text('''
+unet_target_module = ["Transformer2DModel", "ResnetBlock2D"]
+unet_target_name = ["out.2"]
+exclude_name = ["*.attn2.to_k", "*.attn2.to_v"]
+[module_algo_map.ResnetBlock2D]
+algo = "lokr"
+dim = "16"
+factor = 4
+[name_algo_map."middle_block.*"]
+algo = "loha"
+dim = 2
+alpha = 1
+''')
+    unet = SdxlUNet2DConditionModel()
+    net = lycoris_kohya.create_network(1.0, 4, 2, None, [], unet, preset=str(p))
+    by = {a.lora_name: a for a in net.loras}
+    assert not any(n.endswith(("attn2_to_k", "attn2_to_v")) for n in by)
+    assert by["lora_unet_out_2"].algo == "locon"
+    res = by["lora_unet_input_blocks_1_0_in_layers_2"]
+    assert res.algo == "lokr" and res.layout.rank == 16 and (res.layout.c, res.layout.d) == (2, 4)  # factor 4: 8 = 2*4
+    assert by["lora_unet_input_blocks_2_1_proj_in"].algo == "locon" and by["lora_unet_input_blocks_2_1_proj_in"].rank == 4
+    mid = [a for n, a in by.items() if n.startswith("lora_unet_middle_block_")]
+    assert mid and all(a.algo == "loha" and a.rank == 2 and a._alpha_value == 1.0 for a in mid)
+    # the file reloads with its mixture of algorithms
+    path = str(tmp_path / "mixed.safetensors")
+    net.save_weights(path, torch.float32, {})
+    loaded, _ = lycoris_kohya.create_network_from_weights(1.0, path, None, [], SdxlUNet2DConditionModel())
+    assert {a.lora_name: a.algo for a in loaded.loras} == {n: a.algo for n, a in by.items()}
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "presets"))))
+def test_shipped_preset_files_work(models, name):
+    te, unet = models
+    net = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, preset=name[:-len(".toml")])
+    assert len(net.loras) > 0
+
+
+def test_preset_matching_nothing_is_an_error(models, tmp_path):
+    te, unet = models
+    p = tmp_path / "none.toml"
+    p.write_text('unet_target_module = ["NoSuchBlock"]\ntext_encoder_target_module = []\n')
+    with pytest.raises(ValueError, match="none.toml"):
+        lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, preset=str(p))
+
+
+@pytest.mark.parametrize("text,match", [
+    ('unet_target_modul = ["X"]', "unet_target_modul"),
+    ('[module_algo_map.ResnetBlock2D]\nalgo = "glora"', "algo"),
+    ('[name_algo_map."x"]\npreset = "full"', "preset"),
+    ('exclude_name = "x"\nenable_conv = "yes"', "enable_conv"),
+])
+def test_bad_preset_files_name_the_key(tmp_path, text, match):
+    p = tmp_path / "bad.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        presets.load(str(p))
+
+
+def test_unknown_preset_name():
+    with pytest.raises(ConfigError, match="no-such-preset"):
+        presets.load("no-such-preset")
+
+
+def test_two_networks_with_different_presets_do_not_interfere(models):
+    te, unet = models
+    from diffusers import UNet2DConditionModel
+
+    before = dict(presets.BUILTIN)
+    a = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, preset="attn-only")
+    unet2 = UNet2DConditionModel.from_config(unet.config)
+    b = lycoris_kohya.create_network(1.0, 4, 1, None, None, unet2, preset="full")
+    a2 = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, preset="attn-only")
+    assert [x.lora_name for x in a.loras] == [x.lora_name for x in a2.loras]
+    assert len(b.unet_loras) == 83 and len(a.unet_loras) == 32
+    assert presets.BUILTIN == before and a.preset is not b.preset
+
+
+# ----- block-wise -------------------------------------------------------------------------------
+def test_block_dims_and_alphas_per_block(models):
+    te, unet = models
+    dims = ",".join(str(i % 4 + 1) for i in range(25))
+    alphas = ",".join(str(float(i)) for i in range(25))
+    net = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, block_dims=dims, block_alphas=alphas,
+                                       conv_block_dims=",".join(["2"] * 25))
+    by = {a.lora_name: a for a in net.unet_loras}
+    q = by["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"]  # IN01 -> block 1
+    assert (q.rank, q._alpha_value) == (2, 1.0)
+    up = by["lora_unet_up_blocks_1_attentions_1_proj_in"]  # up block 1, attention 1: 3*1+1 -> 13 + 4 = 17
+    assert (up.rank, up._alpha_value) == (17 % 4 + 1, 17.0)
+    mid = by["lora_unet_mid_block_attentions_0_proj_out"]  # block 12
+    assert (mid.rank, mid._alpha_value) == (12 % 4 + 1, 12.0)
+    assert by["lora_unet_down_blocks_0_resnets_0_conv1"].rank == 2  # kxk: conv_block_dims
+    assert all(a.rank == 4 for a in net.text_encoder_loras)  # text encoders keep network_dim
+    with pytest.raises(ConfigError, match="block_dims has 3 entries"):
+        lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, block_dims="1,2,3")
+
+
+def test_block_lr_weights_make_groups_and_drop_zero_blocks(models):
+    te, unet = models
+    net = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, algo="loha", down_lr_weight="0,0.5,0.5,1",
+                                       mid_lr_weight="2", up_lr_weight="zeros+0.25")
+    groups, desc = net.prepare_optimizer_params(None, 1e-3, 1e-3)
+    lrs = dict(zip(desc, (g["lr"] for g in groups)))
+    assert lrs["unet_block1"] == pytest.approx(0.5e-3) and lrs["unet_block12"] == pytest.approx(2e-3)
+    assert lrs["unet_block13"] == pytest.approx(0.25e-3) and lrs["textencoder"] == 1e-3
+    zero = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, down_lr_weight="0,0,0,0,0,0,0,0,0,0,0,0")
+    assert not any("down_blocks" in a.lora_name for a in zero.unet_loras)
+    assert any("up_blocks" in a.lora_name for a in zero.unet_loras)
+
+
+def test_sdxl_block_indices():
+    from lycoris_kohya.blocks import block_index
+
+    assert block_index("lora_unet_input_blocks_2_1_proj_in", True) == 3
+    assert block_index("lora_unet_middle_block_1_proj_in", True) == 11
+    assert block_index("lora_unet_output_blocks_0_1_proj_in", True) == 13
+    assert block_index("lora_unet_time_embed_0", True) == 0 and block_index("lora_unet_out_2", True) == 22
+    unet = SdxlUNet2DConditionModel()
+    net = lycoris_kohya.create_network(1.0, 4, 1, None, [], unet, block_dims=",".join(["3"] * 23))
+    assert net.is_sdxl and all(a.rank == 3 for a in net.unet_loras if not a.geometry.is_kxk)
