@@ -78,13 +78,6 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_metadata(path: str) -> Dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(path, framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
 # ----- grouping and layout inference ------------------------------------------------------------
 def group_by_module(sd: Mapping[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
     """{"lora_unet_x.lora_down.weight": t} -> {"lora_unet_x": {"lora_down.weight": t}}."""

@@ -244,3 +244,16 @@ def test_max_norm_bounds_the_update_inside_the_normalisation():
         assert float(a.delta().detach().norm()) == pytest.approx(limit, rel=1e-4)
         assert torch.equal(a.dora_scale, scales[a.lora_name])
     assert mx == pytest.approx(limit, rel=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_network_created_on_cpu_follows_a_unet_on_the_gpu():
+    """kohya creates the network while the UNet may sit elsewhere, then moves it with .to()."""
+    unet, net = build("loha", "input")
+    unet.to("cuda")
+    net.to("cuda")
+    assert all(a.dora_scale.device.type == "cuda" for a in net.loras)
+    net.apply_to([], unet)
+    with torch.no_grad():
+        y = unet.block.conv(INPUTS["conv"]().cuda())
+    assert y.device.type == "cuda"

@@ -8,7 +8,7 @@ from typing import Dict, Mapping, Tuple, Type
 import torch
 
 from . import dora, loha, lokr, locon
-from .base import Adapter, LayerGeometry, alpha_scale
+from .base import Adapter, LayerGeometry
 from .locon import LoConAdapter
 from .loha import LoHaAdapter
 from .lokr import LoKrAdapter
@@ -33,14 +33,4 @@ def detect(name: str, tensors: Mapping[str, torch.Tensor]) -> str:
                      + "; ".join(f"{a}: {', '.join(m.SUFFIXES)}" for a, (_, m) in ALGORITHMS.items()))
 
 
-def delta_from_tensors(algo: str, tensors: Mapping[str, torch.Tensor], weight_shape) -> torch.Tensor:
-    """g * dW for stored tensors (alpha included when present): the loader's and tools' path."""
-    _, math = ALGORITHMS[algo]
-    g = LayerGeometry(*weight_shape[:2], tuple(weight_shape[2:]))
-    info = math.layout(tensors, g)
-    alpha = tensors.get(ALPHA)
-    scale = alpha_scale(None if alpha is None else float(alpha), info["rank"]) if info.get("use_alpha", True) else 1.0
-    return math.delta(tensors, weight_shape) * scale
-
-
-__all__ = ["ALGORITHMS", "Adapter", "LayerGeometry", "detect", "delta_from_tensors", "dora"]
+__all__ = ["ALGORITHMS", "Adapter", "LayerGeometry", "detect", "dora"]
