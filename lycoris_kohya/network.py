@@ -3,9 +3,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,6 +29,8 @@ class ModuleSpec:
     alpha: float
     options: Dict[str, object] = field(default_factory=dict)
     dora_axis: Optional[str] = None
+    #: (dropout, rank_dropout, module_dropout) of this module; None: the network's
+    dropouts: Optional[Tuple[Optional[float], Optional[float], Optional[float]]] = None
 
 
 def spec_from_config(cfg: NetworkConfig, target: tg.Target) -> Optional[ModuleSpec]:
@@ -49,7 +50,8 @@ def spec_from_config(cfg: NetworkConfig, target: tg.Target) -> Optional[ModuleSp
     if cfg.algo == "lokr":
         options.update(factor=cfg.factor, decompose_both=cfg.decompose_both, full_matrix=cfg.full_matrix,
                        unbalanced_factorization=cfg.unbalanced_factorization)
-    return ModuleSpec(cfg.algo, rank, alpha, options, cfg.dora_axis)
+    return ModuleSpec(cfg.algo, rank, alpha, options, cfg.dora_axis,
+                      (cfg.dropout, cfg.rank_dropout, cfg.module_dropout))
 
 
 class LycorisNetwork(nn.Module):
@@ -78,13 +80,7 @@ class LycorisNetwork(nn.Module):
             self.block_lr_weight = blocks.lr_weights(config, self.is_sdxl)
             chosen = [(t, self._spec(t)) for t in te_targets + unet_targets]
         else:
-            layers = tg.every_layer(text_encoder, unet)
-            missing = [n for n in specs if n not in layers]
-            if missing:
-                raise ValueError(
-                    f"the weights do not fit this model: no layer for module {missing[0]!r}"
-                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                )
+            layers = tg.every_layer(text_encoder, unet)  # specs come from weights.infer_specs on these layers
             chosen = [(t, specs[n]) for n, t in layers.items() if n in specs]  # the model's order
             self.is_sdxl = blocks.is_sdxl_layout(specs)
             self.block_lr_weight = blocks.lr_weights(config, self.is_sdxl)
@@ -103,8 +99,8 @@ class LycorisNetwork(nn.Module):
             self.add_module(adapter.lora_name, adapter)
         if rounded:
             a, b = rounded[0]
-            logger.warning(f"alpha {a:g} is stored as {b:g} (the nearest value bf16/fp16 files hold exactly); "
-                           "training uses {b:g} so that every reader computes the same scale")
+            logger.warning(f"lycoris_kohya: alpha {a:g} is stored as {b:g} (the nearest value bf16/fp16 files hold "
+                           f"exactly); training uses {b:g} so that every reader computes the same scale")
         if not self.text_encoder_loras and not self.unet_loras:
             raise ValueError(f"the network has no modules: preset {self.preset.name!r} matches no layer of this model")
         if any(a.dora_axis == "output" for a in self.loras):
@@ -138,10 +134,11 @@ class LycorisNetwork(nn.Module):
     def _make(self, target: tg.Target, spec: ModuleSpec, alpha: float) -> Adapter:
         cls, _ = ALGORITHMS[spec.algo]
         cfg = self.config
+        dropout, rank_dropout, module_dropout = spec.dropouts or (cfg.dropout, cfg.rank_dropout, cfg.module_dropout)
         try:
             return cls(
                 target.name, target.layer, rank=spec.rank, alpha=alpha, multiplier=self.multiplier,
-                dropout=cfg.dropout, rank_dropout=cfg.rank_dropout, module_dropout=cfg.module_dropout,
+                dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
                 dora_axis=spec.dora_axis, dora_detach_norm=cfg.dora_detach_norm, bypass=cfg.bypass_mode,
                 **spec.options,
             )

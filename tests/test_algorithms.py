@@ -253,7 +253,7 @@ def test_peft_oracle_agrees_on_delta(layout, peft_cfg):
 @pytest.mark.parametrize("layout", ["loha", "lokr", "loha_tucker", "lokr_decompose_both", "locon_tucker"])
 def test_max_norm_bounds_every_layout(layout):
     unet, net = build(layout)
-    norms = {a.lora_name: float(a.delta().norm()) for a in net.loras}
+    norms = {a.lora_name: float(a.delta().detach().norm()) for a in net.loras}
     limit = sorted(norms.values())[len(norms) // 2]
     sd_before = {k: v.clone() for k, v in net.state_dict().items()}
     scaled, mean, mx = net.apply_max_norm_regularization(limit, "cpu")

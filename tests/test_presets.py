@@ -68,6 +68,7 @@ factor = 4
 algo = "loha"
 dim = 2
 alpha = 1
+rank_dropout = 0.3
 ''')
     unet = SdxlUNet2DConditionModel()
     net = lycoris_kohya.create_network(1.0, 4, 2, None, [], unet, preset=str(p))
@@ -79,6 +80,7 @@ alpha = 1
     assert by["lora_unet_input_blocks_2_1_proj_in"].algo == "locon" and by["lora_unet_input_blocks_2_1_proj_in"].rank == 4
     mid = [a for n, a in by.items() if n.startswith("lora_unet_middle_block_")]
     assert mid and all(a.algo == "loha" and a.rank == 2 and a._alpha_value == 1.0 for a in mid)
+    assert all(a.rank_dropout == 0.3 for a in mid) and res.rank_dropout is None
     # the file reloads with its mixture of algorithms
     path = str(tmp_path / "mixed.safetensors")
     net.save_weights(path, torch.float32, {})

@@ -260,6 +260,8 @@ class Adapter(nn.Module):
     def merged_forward(self, x: torch.Tensor, scaled_delta: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         w = layer.weight
+        if w.element_size() < 2:  # fp8 / quantised storage: add in the activations' dtype
+            w = w.to(x.dtype)
         weight = w + (self.multiplier * scaled_delta).to(w.dtype)
         return self.geometry.apply(x, weight.to(x.dtype), None if layer.bias is None else layer.bias.to(x.dtype))
 
