@@ -16,6 +16,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 pytest.importorskip("peft")  # diffusers needs peft to load LoRA weights
@@ -127,7 +128,8 @@ def oracle(oracle_tiny_sd, tmp_path):
 def _load_and_fuse(pipe, file, m):
     from peft.tuners.lora import LoraLayer
 
-    pipe.load_lora_weights(file)
+    # a state dict, not a path: diffusers 0.3x in offline mode insists on a weight_name for paths
+    pipe.load_lora_weights(load_file(file))
     injected = {
         "unet": sorted(n for n, mod in pipe.unet.named_modules() if isinstance(mod, LoraLayer)),
         "te": sorted(n for n, mod in pipe.text_encoder.named_modules() if isinstance(mod, LoraLayer)),
@@ -269,5 +271,5 @@ def test_tucker_locon_is_refused_by_diffusers_not_misread(oracle_tiny_sd, tmp_pa
     pipe = _pipeline(oracle_tiny_sd)
     before = _weights(pipe.unet)
     with pytest.raises(Exception, match="lora_mid"):
-        pipe.load_lora_weights(file)
+        pipe.load_lora_weights(load_file(file))
     assert all(torch.equal(w, before[n]) for n, w in _weights(pipe.unet).items())
