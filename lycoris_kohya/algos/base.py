@@ -83,7 +83,7 @@ def storable_alpha(alpha: float) -> float:
 
 class Adapter(nn.Module):
     """Base class. Subclasses set ``algo``, create their parameters, and implement
-    ``tensors()``, ``math_delta()`` (via their math module) and optionally a faster forward.
+    ``tensors()``, set ``delta_fn`` (their math module's ``delta``) and optionally a faster forward.
 
     Contract:
       * ``delta()`` = g * dW, dense, shaped like the base weight (multiplier not applied).
@@ -155,13 +155,16 @@ class Adapter(nn.Module):
         """Route the base layer's forward through this adapter (kohya's hook)."""
         if self._org_forward is not None:
             return
+        self._had_own_forward = "forward" in self.layer.__dict__  # e.g. another network's hook
         self._org_forward = self.layer.forward
         self.layer.forward = self.forward
 
     def remove(self) -> None:
         if self._org_forward is not None:
-            self.layer.forward = self._org_forward
-            del self.layer.forward  # back to the class method
+            if self._had_own_forward:
+                self.layer.forward = self._org_forward
+            else:
+                del self.layer.forward  # back to the class method
             self._org_forward = None
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -182,9 +185,12 @@ class Adapter(nn.Module):
     def scale(self) -> float:
         return alpha_scale(self._alpha_value, self.rank)
 
+    #: the algorithm's math definition: delta_fn(tensors, weight_shape) -> dW
+    delta_fn = None
+
     def math_delta(self) -> torch.Tensor:
         """dW from the algorithm's single math definition (unscaled)."""
-        raise NotImplementedError
+        return self.delta_fn(self.tensors(), self.geometry.weight_shape)
 
     def delta(self) -> torch.Tensor:
         """g * dW, shaped like the base weight (times the trainable scalar with use_scalar)."""

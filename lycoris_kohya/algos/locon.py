@@ -63,6 +63,7 @@ class _Weight(nn.Module):
 
 class LoConAdapter(Adapter):
     algo = "locon"
+    delta_fn = staticmethod(delta)
     plus_suffixes = (UP,)
     zero_init = UP
 
@@ -91,9 +92,6 @@ class LoConAdapter(Adapter):
         if self.lora_mid is not None:
             t[MID] = self.lora_mid.weight
         return t
-
-    def math_delta(self) -> torch.Tensor:
-        return delta(self.tensors(), self.geometry.weight_shape)
 
     def training_delta(self) -> torch.Tensor:
         # rank dropout in weight space (used by DoRA): drop whole rank components

@@ -57,6 +57,7 @@ def layout(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Dict[str, object]
 # ----- the trainable adapter -----------------------------------------------------------------
 class LoHaAdapter(Adapter):
     algo = "loha"
+    delta_fn = staticmethod(delta)
     plus_suffixes = (W1A, W2A)
     zero_init = W2A  # starts at zero so dW = 0; with use_scalar the scalar starts at zero instead
 
@@ -89,6 +90,3 @@ class LoHaAdapter(Adapter):
         if self.use_tucker:
             t[T1], t[T2] = self.hada_t1, self.hada_t2
         return t
-
-    def math_delta(self) -> torch.Tensor:
-        return delta(self.tensors(), self.geometry.weight_shape)

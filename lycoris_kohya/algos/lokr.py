@@ -123,6 +123,7 @@ def layout(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Dict[str, object]
 # ----- the trainable adapter -----------------------------------------------------------------
 class LoKrAdapter(Adapter):
     algo = "lokr"
+    delta_fn = staticmethod(delta)
     plus_suffixes = (W2, W2A)  # the large factor's output side
 
     def __init__(self, name: str, layer: nn.Module, rank: int, alpha: float, layout: Optional[LoKrLayout] = None,
@@ -171,6 +172,3 @@ class LoKrAdapter(Adapter):
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self._names}
-
-    def math_delta(self) -> torch.Tensor:
-        return delta(self.tensors(), self.geometry.weight_shape)
