@@ -1,6 +1,7 @@
 #!/usr/bin/env python
-"""Seconds per training step (forward + backward + AdamW step) of a UNet with an adapter network,
-as ratios against baselines measured in the same process:
+"""Seconds per training step (forward + backward + AdamW step) and peak memory of a UNet with an
+adapter network, as ratios against baselines measured in the same run (each measurement in a fresh
+child process, so its peak resident memory -- or peak CUDA memory on a GPU -- is its own):
 
   base      the frozen UNet alone (forward + backward to the input)
   lycoris   lycoris-lora's network with the same algorithm, targets, rank and options (if importable)
@@ -121,6 +122,33 @@ def bench_network(kind, algo, args, net_args):
     return time_steps(step, args.steps, args.warmup)
 
 
+def _child(conn, kind, algo, args, net_args):
+    import resource
+
+    import torch
+
+    t = bench_network(kind, algo, args, net_args)
+    if args.device.startswith("cuda"):
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    conn.send((t, peak))
+    conn.close()
+
+
+def measure(kind, algo, args, net_args):
+    """(seconds per step, peak MiB) of one network, in a fresh process."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    p = ctx.Process(target=_child, args=(child, kind, algo, args, net_args))
+    p.start()
+    result = parent.recv()
+    p.join()
+    return result
+
+
 def importable(module):
     try:
         __import__(module)
@@ -152,25 +180,29 @@ def main(argv=None):
     print(f"UNet {args.channels}, latent {args.res}x{args.res}, batch {args.batch}, rank {args.dim}, device "
           f"{args.device}; lycoris-lora: {'yes' if have_lycoris else 'not installed'}, "
           f"kohya networks.lora: {'yes' if have_kohya else 'not on PYTHONPATH'}")
-    base = bench_network("base", None, args, {})
-    print(f"{'network':28s} {'s/step':>8s} {'x base':>7s} {'x lycoris':>10s}")
-    print(f"{'frozen base':28s} {base:8.4f} {1.0:7.2f}")
+    base, base_mem = measure("base", None, args, {})
+    unit = "MiB CUDA" if args.device.startswith("cuda") else "MiB RSS"
+    print(f"{'network':28s} {'s/step':>8s} {'x base':>7s} {'peak ' + unit:>14s} {'x base':>7s} {'x lycoris (time, memory)':>26s}")
+    print(f"{'frozen base':28s} {base:8.4f} {1.0:7.2f} {base_mem:14.0f} {1.0:7.2f}")
     conv = {"conv_dim": args.dim, "conv_alpha": args.alpha}
     rows = [(a, {}) for a in args.algos.split(",")]
     if args.dora:
         rows += [(a, {"dora_wd": True}) for a in args.algos.split(",")]
+    def row(label, t, mem):
+        return f"{label:28s} {t:8.4f} {t / base:7.2f} {mem:14.0f} {mem / base_mem:7.2f}"
+
     if have_kohya:
-        k = bench_network("kohya", "locon", args, conv)
-        print(f"{'kohya networks.lora':28s} {k:8.4f} {k / base:7.2f}")
+        print(row("kohya networks.lora", *measure("kohya", "locon", args, conv)), flush=True)
     for algo, extra in rows:
         net_args = {**conv, **extra}
         label = algo + (" + DoRA" if extra else "")
-        ours = bench_network("ours", algo, args, net_args)
-        line = f"{'lycoris_kohya ' + label:28s} {ours:8.4f} {ours / base:7.2f}"
+        ours, mem = measure("ours", algo, args, net_args)
+        line = row("lycoris_kohya " + label, ours, mem)
         if have_lycoris:
-            theirs = bench_network("lycoris", algo, args, net_args)
-            line += f" {ours / theirs:10.2f}   (lycoris-lora {label}: {theirs:.4f} s, x{theirs / base:.2f} base)"
-        print(line)
+            theirs, their_mem = measure("lycoris", algo, args, net_args)
+            line += (f"   {ours / theirs:5.2f}, {mem / their_mem:5.2f}"
+                     f"   (lycoris-lora: {theirs:.4f} s, {their_mem:.0f} MiB)")
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
