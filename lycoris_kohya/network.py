@@ -269,10 +269,10 @@ class LycorisNetwork(nn.Module):
         norms: List[float] = []
         keys_scaled = 0
         for a in self.loras:
-            n = float(a.delta().float().norm())
+            n = a.delta_norm()
             if n > limit:
                 a.rescale_delta(limit / n)
-                n = float(a.delta().float().norm())
+                n = a.delta_norm()
                 keys_scaled += 1
             norms.append(n)
         if not norms:

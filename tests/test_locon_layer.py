@@ -138,3 +138,9 @@ def test_disabled_adapter_is_base_layer():
     x = torch.randn(1, 6, 8, 8)
     a.enabled = False
     assert torch.equal(layer(x), a.base_forward(x))
+
+
+@pytest.mark.parametrize("kind,tucker", CASES)
+def test_delta_norm_equals_the_dense_norm(kind, tucker):
+    _, a = make(kind, tucker)
+    assert a.delta_norm() == pytest.approx(float((a.scale * closed_form_delta(a)).norm()), rel=1e-6)

@@ -197,6 +197,10 @@ class Adapter(nn.Module):
         d = self.math_delta().reshape(self.geometry.weight_shape) * self.scale
         return d if self.scalar is None else d * self.scalar
 
+    def delta_norm(self) -> float:
+        """||g * dW||_F (no dropout, multiplier 1): what --scale_weight_norms bounds."""
+        return float(self.delta().float().norm())
+
     def export_tensors(self) -> Dict[str, torch.Tensor]:
         """What the file holds for this module, under the file's suffixes: the factors (with the
         scalar folded in), alpha, and dora_scale."""

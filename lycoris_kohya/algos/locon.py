@@ -93,6 +93,17 @@ class LoConAdapter(Adapter):
             t[MID] = self.lora_mid.weight
         return t
 
+    def delta_norm(self) -> float:
+        """||g * up @ down||_F from the r x r Gram matrices, without building dW:
+        ||U D||^2 = sum((U^T U) * (D D^T))."""
+        if self.lora_mid is not None:
+            return super().delta_norm()
+        u = self.lora_up.weight.detach().flatten(1).double()
+        d = self.lora_down.weight.detach().flatten(1).double()
+        sq = float(((u.T @ u) * (d @ d.T)).sum().clamp_min(0.0))
+        s = self.scale * (1.0 if self.scalar is None else float(self.scalar))
+        return abs(s) * sq ** 0.5
+
     def training_delta(self) -> torch.Tensor:
         # rank dropout in weight space (used by DoRA): drop whole rank components
         if not (self.training and self.rank_dropout is not None):
