@@ -111,7 +111,7 @@ class LycorisNetwork(nn.Module):
         if forced:
             logger.warning(f"lycoris_kohya: LoKr rank is too large for the factor of {len(forced)} modules "
                            f"(e.g. {forced[0]}); their large factor lokr_w2 is a full matrix")
-        if specs is None and config.algo == "lokr" and any(getattr(a.layout, "tucker", False) for a in self.loras):
+        if specs is None and any(a.algo == "lokr" and a.layout.tucker for a in self.loras):
             logger.warning("lycoris_kohya: LoKr with use_tucker writes lokr_t2, which ComfyUI does not apply "
                            "(it fails silently); A1111 and this plugin do")
         logger.info(f"lycoris_kohya: {config.algo} network with {len(self.text_encoder_loras)} text encoder "

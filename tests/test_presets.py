@@ -178,3 +178,15 @@ def test_sdxl_block_indices():
     unet = SdxlUNet2DConditionModel()
     net = lycoris_kohya.create_network(1.0, 4, 1, None, [], unet, block_dims=",".join(["3"] * 23))
     assert net.is_sdxl and all(a.rank == 3 for a in net.unet_loras if not a.geometry.is_kxk)
+
+
+def test_mixed_algorithms_with_lokr_tucker_build(tmp_path, caplog):
+    """A LoKr network whose preset sends some classes to LoCon still checks its LoKr modules only."""
+    p = tmp_path / "mix.toml"
+    p.write_text('unet_target_module = ["ResnetBlock2D", "Downsample2D"]\n'
+                 '[module_algo_map.ResnetBlock2D]\nalgo = "locon"\n')  # the first module is LoCon
+    unet = SdxlUNet2DConditionModel(c=16)
+    net = lycoris_kohya.create_network(1.0, 2, 1, None, [], unet, algo="lokr", use_tucker="true", preset=str(p))
+    assert {a.algo for a in net.loras} == {"locon", "lokr"}
+    assert any(a.algo == "lokr" and a.layout.tucker for a in net.loras)
+    assert "lokr_t2" in caplog.text
