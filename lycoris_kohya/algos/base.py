@@ -188,13 +188,11 @@ class Adapter(nn.Module):
     #: the algorithm's math definition: delta_fn(tensors, weight_shape) -> dW
     delta_fn = None
 
-    def math_delta(self) -> torch.Tensor:
-        """dW from the algorithm's single math definition (unscaled)."""
-        return self.delta_fn(self.tensors(), self.geometry.weight_shape)
-
-    def delta(self) -> torch.Tensor:
-        """g * dW, shaped like the base weight (times the trainable scalar with use_scalar)."""
-        d = self.math_delta().reshape(self.geometry.weight_shape) * self.scale
+    def delta(self, tensors: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """g * dW from the algorithm's math definition, shaped like the base weight (times the
+        trainable scalar with use_scalar); ``tensors`` replaces the stored ones (e.g. masked)."""
+        d = self.delta_fn(self.tensors() if tensors is None else tensors, self.geometry.weight_shape)
+        d = d.reshape(self.geometry.weight_shape) * self.scale
         return d if self.scalar is None else d * self.scalar
 
     def delta_norm(self) -> float:
@@ -253,10 +251,13 @@ class Adapter(nn.Module):
         """Default: fold W0 + m*g*dW into one op (no second full-size op). With neuron dropout in
         training, or in bypass mode, the delta runs as its own op beside the untouched base layer."""
         d = self.training_delta()
-        if self.bypass or (self.training and self.dropout is not None):
-            delta_out = self.geometry.apply(x, (self.multiplier * d).to(x.dtype))
-            return self.base_forward(x) + (F.dropout(delta_out, p=self.dropout) if self.training and self.dropout else delta_out)
-        return self.merged_forward(x, d)
+        drop = self.training and self.dropout is not None
+        if not (self.bypass or drop):
+            return self.merged_forward(x, d)
+        delta_out = self.geometry.apply(x, (self.multiplier * d).to(x.dtype))
+        if drop:
+            delta_out = F.dropout(delta_out, p=self.dropout)
+        return self.base_forward(x) + delta_out
 
     def training_delta(self) -> torch.Tensor:
         """g * dW with rank dropout applied in training (row mask on the output axis,

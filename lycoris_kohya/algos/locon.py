@@ -111,8 +111,7 @@ class LoConAdapter(Adapter):
         keep = (torch.rand(self._rank, device=self.lora_up.weight.device) > self.rank_dropout)
         t = dict(self.tensors())
         t[UP] = t[UP] * keep.to(t[UP].dtype).view(1, -1, *([1] * (t[UP].dim() - 2))) / (1.0 - self.rank_dropout)
-        d = delta(t, self.geometry.weight_shape) * self.scale
-        return d if self.scalar is None else d * self.scalar
+        return self.delta(t)
 
     def lowrank(self, x: torch.Tensor) -> torch.Tensor:
         """g * up(mid(down(x))), with the training dropouts: the delta's output without ever
