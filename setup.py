@@ -7,6 +7,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["lycoris_kohya", "lycoris_kohya.*"]),
+    # the preset files usable by name (preset=style-no-cross-attn) ship inside the package
+    package_data={"lycoris_kohya": ["preset_files/*.toml"]},
     python_requires=">=3.10",
     # loose on purpose: the plugin runs inside users' kohya environments
     install_requires=["torch>=2.1", "safetensors", "diffusers", "transformers", "accelerate", "toml", "tqdm"],

@@ -90,7 +90,15 @@ BUILTIN: Dict[str, Preset] = {
 
 _KEYS = ("enable_conv", "unet_target_module", "unet_target_name", "text_encoder_target_module",
          "text_encoder_target_name", "exclude_name", "module_algo_map", "name_algo_map", "use_fnmatch")
-PRESET_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "presets")
+#: preset files shipped inside the package (package data), usable by name: preset=style-no-cross-attn
+PRESET_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "preset_files")
+
+
+def shipped_names() -> Tuple[str, ...]:
+    """Names of the preset files in PRESET_DIR (without .toml)."""
+    if not os.path.isdir(PRESET_DIR):
+        return ()
+    return tuple(sorted(f[:-len(".toml")] for f in os.listdir(PRESET_DIR) if f.endswith(".toml")))
 
 
 def _strings(where: str, v: Any) -> Tuple[str, ...]:
@@ -131,18 +139,19 @@ def from_dict(name: str, raw: Mapping[str, Any]) -> Preset:
 
 
 def load(value: str) -> Preset:
-    """A built-in name, a path to a TOML file, or the name of a file in configs/presets/."""
+    """A built-in name, a path to a TOML file, or the name of a shipped preset file (preset_files/)."""
     if value in BUILTIN:
         return BUILTIN[value]
     candidates = [value, os.path.join(PRESET_DIR, value), os.path.join(PRESET_DIR, value + ".toml")]
     path = next((c for c in candidates if os.path.isfile(c)), None)
     if path is None:
-        raise ConfigError(f"network_arg preset={value!r} is neither a built-in preset ({', '.join(BUILTIN)}) "
-                          "nor a TOML file")
+        raise ConfigError(f"network_arg preset={value!r} is neither a built-in preset ({', '.join(BUILTIN)}), "
+                          f"nor a shipped preset file ({', '.join(shipped_names()) or 'none found'}), "
+                          "nor the path of a TOML file")
     import toml
 
     try:
         raw = toml.load(path)
     except Exception as e:  # toml's own errors name the line
         raise ConfigError(f"preset file {path}: {e}") from None
-    return from_dict(os.path.basename(path), raw)
+    return from_dict(path, raw)

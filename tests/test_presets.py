@@ -88,11 +88,75 @@ rank_dropout = 0.3
     assert {a.lora_name: a.algo for a in loaded.loras} == {n: a.algo for n, a in by.items()}
 
 
-@pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs", "presets"))))
-def test_shipped_preset_files_work(models, name):
+SHIPPED = os.path.join(ROOT, "lycoris_kohya", "preset_files")
+
+
+def layers_under(model, classes):
+    """{path: layer} of every Linear/Conv2d below a module of one of ``classes``, walked here
+    from named_modules() (independently of the package's target selection)."""
+    out = {}
+    for path, m in model.named_modules():
+        if type(m).__name__ in classes:
+            for sub, layer in m.named_modules():
+                if sub and isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+                    out[f"{path}.{sub}"] = layer
+    return out
+
+
+def key(path):
+    return "lora_unet_" + path.replace(".", "_")
+
+
+def test_shipped_preset_files_are_package_data():
+    assert sorted(os.listdir(SHIPPED)) == ["attn-mlp-lokr-convs.toml", "style-no-cross-attn.toml"]
+    assert presets.PRESET_DIR == SHIPPED
+    assert not os.path.exists(os.path.join(ROOT, "configs", "presets"))
+
+
+def test_shipped_attn_mlp_lokr_convs_sends_resnets_to_lokr(models):
     te, unet = models
-    net = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, preset=name[:-len(".toml")])
-    assert len(net.loras) > 0
+    net = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, algo="loha", preset="attn-mlp-lokr-convs")
+    by = {a.lora_name: a for a in net.unet_loras}
+    resnet = layers_under(unet, ("ResnetBlock2D",))
+    attn = layers_under(unet, ("Transformer2DModel",))
+    samplers = layers_under(unet, ("Downsample2D", "Upsample2D"))
+    assert set(by) == {key(p) for p in {**resnet, **attn, **samplers}}
+    assert len(resnet) == 29 and len(net.text_encoder_loras) == 12
+    for path in resnet:  # [module_algo_map.ResnetBlock2D]: algo lokr, dim 8, alpha 4, factor 4
+        a = by[key(path)]
+        t = a.export_tensors()
+        assert a.algo == "lokr" and float(t["alpha"]) == 4.0, path
+        w1 = t["lokr_w1"]
+        assert w1.shape[0] <= 4 and w1.shape[1] <= 4, (path, w1.shape)  # factor 4: small sides <= 4
+        if "lokr_w2_a" in t:
+            assert t["lokr_w2_a"].shape[1] == 8, path
+    for path in {**attn, **samplers}:  # the network's own options
+        a = by[key(path)]
+        assert (a.algo, a.rank, float(a.export_tensors()["alpha"])) == ("loha", 4, 1.0), path
+    assert all(a.algo == "loha" and a.rank == 4 for a in net.text_encoder_loras)
+
+
+@pytest.mark.parametrize("sdxl", [False, True])
+def test_shipped_style_no_cross_attn_leaves_out_kv_and_te_and_raises_mid_rank(models, sdxl):
+    te, unet = models
+    if sdxl:
+        unet, mid_prefix = SdxlUNet2DConditionModel(), "middle_block."
+    else:
+        mid_prefix = "mid_block."
+    net = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, preset="style-no-cross-attn")
+    assert net.text_encoder_loras == []
+    chosen = layers_under(unet, ("Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"))
+    kv = {p for p in chosen if p.endswith((".attn2.to_k", ".attn2.to_v"))}
+    assert kv  # the exclusion is real on this model
+    want = {p for p in chosen if p not in kv}
+    by = {a.lora_name: a for a in net.unet_loras}
+    assert set(by) == {key(p) for p in want}
+    mids = [p for p in want if p.startswith(mid_prefix)]
+    assert mids
+    for p in want:
+        a = by[key(p)]
+        rank, alpha = (16, 8.0) if p.startswith(mid_prefix) else (4, 1.0)
+        assert (a.rank, float(a.export_tensors()["alpha"])) == (rank, alpha), p
 
 
 def test_preset_matching_nothing_is_an_error(models, tmp_path):
@@ -116,9 +180,11 @@ def test_bad_preset_files_name_the_key(tmp_path, text, match):
         presets.load(str(p))
 
 
-def test_unknown_preset_name():
-    with pytest.raises(ConfigError, match="no-such-preset"):
+def test_unknown_preset_name_lists_builtin_and_shipped_names():
+    with pytest.raises(ConfigError, match="no-such-preset") as e:
         presets.load("no-such-preset")
+    for name in ("default", "attn-only", "ia3", "style-no-cross-attn", "attn-mlp-lokr-convs"):
+        assert name in str(e.value)
 
 
 def test_two_networks_with_different_presets_do_not_interfere(models):
@@ -128,11 +194,15 @@ def test_two_networks_with_different_presets_do_not_interfere(models):
     before = dict(presets.BUILTIN)
     a = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, preset="attn-only")
     unet2 = UNet2DConditionModel.from_config(unet.config)
-    b = lycoris_kohya.create_network(1.0, 4, 1, None, None, unet2, preset="full")
+    b = lycoris_kohya.create_network(1.0, 4, 1, None, None, unet2, preset="attn-mlp-lokr-convs")
     a2 = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, preset="attn-only")
+    c = lycoris_kohya.create_network(1.0, 4, 1, None, None, unet2, preset="full")
     assert [x.lora_name for x in a.loras] == [x.lora_name for x in a2.loras]
-    assert len(b.unet_loras) == 83 and len(a.unet_loras) == 32
-    assert presets.BUILTIN == before and a.preset is not b.preset
+    assert len(c.unet_loras) == 83 and len(a.unet_loras) == 32
+    # b's per-class overrides (ResNet blocks -> LoKr) stay with b
+    assert sum(x.algo == "lokr" for x in b.loras) == 29
+    assert {x.algo for x in a2.loras} == {x.algo for x in c.loras} == {"locon"}
+    assert presets.BUILTIN == before
 
 
 # ----- block-wise -------------------------------------------------------------------------------
