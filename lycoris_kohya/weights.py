@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tempfile
 from typing import Dict, Mapping, Optional, Tuple
 
@@ -25,24 +26,46 @@ def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
     from safetensors.torch import save
 
     ss = {k: v for k, v in metadata.items() if k.startswith("ss_")}
-    blob = save(dict(tensors), ss or None)
+    blob = save(dict(tensors), ss)  # an empty dict, not None, as sd-scripts passes: it changes the header
     model_hash = hashlib.sha256(_data_part(blob)).hexdigest()
     legacy_hash = hashlib.sha256(blob[0x100000:0x100000 + 0x10000]).hexdigest()[:8]
     return model_hash, legacy_hash
 
 
 # ----- atomic writes ---------------------------------------------------------------------------
+def current_umask() -> int:
+    """The process umask. Read from /proc where it exists (Linux): os.umask can only be read by
+    setting it, which briefly changes it for every thread of the process."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str, data: bytes) -> None:
     """Write to a temporary file beside ``path``, fsync, then rename over it: a crash or an error
-    never leaves a half-written file."""
+    never leaves a half-written file. The file gets the mode an ordinary ``open(path, "w")`` would
+    give it (0o666 minus the umask: 0644 under umask 022), or the mode of the file it replaces;
+    mkstemp's own 0600 would hide the file from a UI running as another user."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -1,6 +1,7 @@
 """The kohya protocol on a real (tiny) diffusers UNet and CLIP text encoder."""
 import hashlib
 import os
+import stat
 
 import pytest
 import torch
@@ -110,39 +111,113 @@ def test_optimizer_params_lrs_and_loraplus(models):
     assert [g["lr"] for g in groups] == [3e-5, 1e-4]
 
 
-def test_save_writes_metadata_and_a1111_hashes(models, tmp_path):
-    net = net_for(models)
+def sd_scripts_hashes(tensors, metadata):
+    """sd-scripts' library/train_util.precalculate_safetensors_hashes, restated here (SPEC section 4):
+    serialise with only the ss_* metadata (a dict, possibly empty), then sha256 of the data part
+    (after the 8-byte length and the header) and the first 8 hex of sha256 of 64 KiB at 1 MiB."""
+    blob = st_save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    n = int.from_bytes(blob[:8], "little")
+    return hashlib.sha256(blob[8 + n:]).hexdigest(), hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]
+
+
+@pytest.mark.parametrize("ss", [{"ss_network_module": "lycoris_kohya", "ss_network_dim": "32"}, {}])
+def test_save_writes_metadata_and_a1111_hashes(models, tmp_path, ss):
+    te, unet = models
+    net = lycoris_kohya.create_network(1.0, 32, 2.0, None, te, unet)  # rank 32: a 2.3 MiB file
+    randomize(net, seed=2, std=0.05)
     path = str(tmp_path / "net.safetensors")
-    meta = {"ss_network_module": "lycoris_kohya", "ss_network_dim": "4", "user_note": "x",
-            "lora_adapter_metadata": "{}"}
-    net.save_weights(path, torch.float16, meta)
+    meta = {**ss, "user_note": "x", "lora_adapter_metadata": "{}"}
+    net.save_weights(path, torch.float32, meta)
     blob = open(path, "rb").read()
+    assert len(blob) > 0x110000  # the legacy hash reads 64 KiB at 1 MiB: the file must reach past it
     with safe_open(path, "pt") as f:
         got = f.metadata()
-        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     assert "lora_adapter_metadata" not in got and got["user_note"] == "x"
     header_len = int.from_bytes(blob[:8], "little")
     assert got["sshs_model_hash"] == hashlib.sha256(blob[8 + header_len:]).hexdigest()
-    # sd-scripts' legacy hash: bytes 1 MiB .. +64 KiB of the file serialised with only ss_* metadata
-    tensors = load_file(path)
-    ss_only = st_save(tensors, {"ss_network_module": "lycoris_kohya", "ss_network_dim": "4"})
-    assert got["sshs_legacy_hash"] == hashlib.sha256(ss_only[0x100000:0x110000]).hexdigest()[:8]
+    model_hash, legacy_hash = sd_scripts_hashes(load_file(path), meta)
+    assert (got["sshs_model_hash"], got["sshs_legacy_hash"]) == (model_hash, legacy_hash)
+    # the legacy hash depends on the ss_* header: different ss metadata, different hash
+    other = sd_scripts_hashes(load_file(path), {**ss, "ss_network_alpha": "2.0"})[1]
+    assert other != legacy_hash
 
 
-def test_save_is_atomic(models, tmp_path, monkeypatch):
+def test_fp16_save_keeps_the_dtype(models, tmp_path):
     net = net_for(models)
+    path = str(tmp_path / "net.safetensors")
+    net.save_weights(path, torch.float16, {})
+    with safe_open(path, "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
+
+
+def big_net(models):
+    te, unet = models
+    return randomize(lycoris_kohya.create_network(1.0, 32, 2.0, None, te, unet), seed=3)
+
+
+def test_save_interrupted_in_the_write_leaves_the_old_file(models, tmp_path):
+    """A real short write: the file-size limit (RLIMIT_FSIZE) stops the kernel's write at 1 MiB of
+    the 2.3 MiB file, as a full disk would."""
+    resource = pytest.importorskip("resource")
+    import errno
+    import signal
+
+    net = big_net(models)
     path = tmp_path / "net.safetensors"
     path.write_bytes(b"previous file")
-    import safetensors.torch
-
-    def boom(*a, **k):
-        raise RuntimeError("disk full")
-
-    monkeypatch.setattr(safetensors.torch, "save", boom)
-    with pytest.raises(RuntimeError):
-        net.save_weights(str(path), None, {})
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of killing the process
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, hard))
+    try:
+        with pytest.raises(OSError) as e:
+            net.save_weights(str(path), torch.float32, {"ss_x": "1"})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert e.value.errno == errno.EFBIG
     assert path.read_bytes() == b"previous file"
     assert os.listdir(tmp_path) == ["net.safetensors"]
+
+
+@pytest.mark.parametrize("error", [OSError("rename failed"), KeyboardInterrupt()])
+def test_save_interrupted_at_the_rename_leaves_the_old_file(models, tmp_path, monkeypatch, error):
+    net = big_net(models)
+    path = tmp_path / "net.safetensors"
+    path.write_bytes(b"previous file")
+    written = []
+
+    def interrupted_replace(src, dst):
+        written.append(os.path.getsize(src))  # the temporary file is complete when the rename fails
+        raise error
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    with pytest.raises(type(error)):
+        net.save_weights(str(path), torch.float32, {})
+    assert written and written[0] > 0x200000
+    assert path.read_bytes() == b"previous file"
+    assert os.listdir(tmp_path) == ["net.safetensors"]
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_saved_file_mode_honours_the_umask(models, tmp_path, umask, mode):
+    net = net_for(models)
+    old = os.umask(umask)
+    try:
+        for name in ("a.safetensors", "a.pt"):
+            net.save_weights(str(tmp_path / name), None, {})
+            assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == mode, name
+    finally:
+        os.umask(old)
+
+
+def test_overwriting_keeps_the_old_files_mode(models, tmp_path):
+    net = net_for(models)
+    path = tmp_path / "a.safetensors"
+    path.write_bytes(b"previous file")
+    os.chmod(path, 0o604)
+    net.save_weights(str(path), None, {})
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o604
+    assert load_file(str(path)).keys() == net.state_dict().keys()
 
 
 def test_reload_reproduces_outputs_and_honours_multiplier_and_kwargs(models, tiny_sd, tmp_path):
