@@ -28,7 +28,12 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
         weights_sd = wio.load_state_dict(file)
     config = parse_config(None, None, None, kwargs)
     layers = tg.every_layer(text_encoder, unet)
-    specs = wio.infer_specs(weights_sd, layers)
+    try:
+        specs = wio.infer_specs(weights_sd, layers)
+    except ValueError as e:
+        if file is None or str(file) in str(e):
+            raise
+        raise ValueError(f"{file}: {e}") from e
     if not specs:
         raise ValueError(f"{file}: no network weights in the file")
     algos = sorted({s.algo for s in specs.values()})

@@ -87,6 +87,7 @@ class LycorisNetwork(nn.Module):
 
         self.text_encoder_loras: List[Adapter] = []
         self.unet_loras: List[Adapter] = []
+        self._dropped: set = set()  # modules apply_to left out (e.g. --network_train_unet_only)
         rounded = []
         for target, spec in chosen:
             if spec is None:
@@ -166,6 +167,7 @@ class LycorisNetwork(nn.Module):
         for a in adapters:
             a.remove()
             delattr(self, a.lora_name)
+            self._dropped.add(a.lora_name)
 
     def set_multiplier(self, multiplier: float) -> None:
         self.multiplier = float(multiplier)
@@ -283,7 +285,16 @@ class LycorisNetwork(nn.Module):
     def load_weights(self, file: str):
         """Load a file into this network (sd-scripts' --network_weights). A key the network does not
         have, or a shape that differs, is an error naming it; missing keys are reported."""
-        info = self.load_state_dict(wio.load_state_dict(file), strict=False)
+        sd = wio.load_state_dict(file)
+        skipped = [k for k in sd if k.split(".", 1)[0] in self._dropped]
+        if skipped:  # resuming a text encoder + U-Net file with --network_train_unet_only, say
+            logger.warning(f"lycoris_kohya: {file}: {len(skipped)} tensors belong to modules this run does not "
+                           f"train (e.g. {skipped[0]!r}); they are not loaded")
+            sd = {k: v for k, v in sd.items() if k not in set(skipped)}
+        try:
+            info = self.load_state_dict(sd, strict=False)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}" if str(file) not in str(e) else str(e)) from e
         if info.missing_keys:
             logger.warning(f"lycoris_kohya: {file} lacks {len(info.missing_keys)} keys of this network, "
                            f"e.g. {info.missing_keys[0]!r}; those keep their initial values")

@@ -94,11 +94,31 @@ def save_weights(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optio
 
 
 def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or of any other file as a weights-only torch file
+    (``torch.load(weights_only=True)``: tensors only, no code). Every error names the path."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
     if os.path.splitext(path)[1].lower() == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors' errors do not say which file
+            raise ValueError(f"{path}: not a readable .safetensors file (truncated or corrupt?): {e}") from e
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        # torch's own message first advises weights_only=False (running the file's code); keep its reason
+        text = str(e)
+        if "WeightsUnpickler error:" in text:
+            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+        first = " ".join(text.split()) or type(e).__name__
+        raise ValueError(f"{path}: cannot be loaded as a weights-only torch file (tensors only, "
+                         f"torch.load(weights_only=True)): {first}") from e
+    if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path}: expected a dict of tensors, got {type(sd).__name__}")
+    return dict(sd)
 
 
 # ----- grouping and layout inference ------------------------------------------------------------
