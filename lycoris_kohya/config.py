@@ -121,15 +121,19 @@ _ALIASES = {
     "use_cp": ("use_tucker", None),
     "use_conv_cp": ("use_tucker", None),
     "disable_conv_cp": ("use_tucker", lambda b: not b),  # True disables Tucker
-    "network_dim": ("dim", None),
-    "network_alpha": ("alpha", None),
-    "neuron_dropout": ("dropout", None),
 }
+# create_network's own arguments, which sd-scripts fills from its options: as network_args they would
+# make the network disagree with what sd-scripts records (ss_network_dim, ss_network_alpha)
+_OWN_ARGUMENTS = {"network_dim": "--network_dim", "network_alpha": "--network_alpha", "dim": "--network_dim",
+                  "alpha": "--network_alpha", "neuron_dropout": "--network_dropout (or network_args dropout=)"}
+#: in a preset override these name the override's own dim/alpha/dropout (nothing to disagree with)
+_OVERRIDE_ALIASES = {"network_dim": ("dim", None), "network_alpha": ("alpha", None),
+                     "neuron_dropout": ("dropout", None)}
 
 _BOOL = {f.name for f in fields(NetworkConfig) if f.type in ("bool", bool)}
 _DROPOUTS = ("dropout", "rank_dropout", "module_dropout")
 _RATIOS = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
-ACCEPTED = sorted({f.name for f in fields(NetworkConfig)} | set(_ALIASES))
+ACCEPTED = sorted(({f.name for f in fields(NetworkConfig)} | set(_ALIASES)) - set(_OWN_ARGUMENTS))
 
 
 def _parse_one(key: str, v: Any, label: Optional[str] = None) -> Any:
@@ -213,6 +217,10 @@ def parse_config(
 
     seen_from: Dict[str, str] = {}
     for raw_key, v in (kwargs or {}).items():
+        if raw_key in _OWN_ARGUMENTS:
+            raise ConfigError(f"network_arg {raw_key}={v!r} is not accepted: it is sd-scripts' own option; use "
+                              f"{_OWN_ARGUMENTS[raw_key]} instead (as a network_arg it would disagree with the "
+                              "value sd-scripts records in the file's metadata)")
         key, transform = _ALIASES.get(raw_key, (raw_key, None))
         if key not in {f.name for f in fields(NetworkConfig)}:
             raise ConfigError(f"unknown network_arg {raw_key!r}; accepted: {', '.join(ACCEPTED)}")
@@ -246,7 +254,7 @@ def parse_overrides(where: str, raw: Mapping[str, Any]) -> Dict[str, Any]:
         raise ConfigError(f"{where}: expected a table of options, got {raw!r}")
     out: Dict[str, Any] = {}
     for raw_key, v in raw.items():
-        key, transform = _ALIASES.get(raw_key, (raw_key, None))
+        key, transform = {**_ALIASES, **_OVERRIDE_ALIASES}.get(raw_key, (raw_key, None))
         if key not in OVERRIDABLE:
             raise ConfigError(f"{where}: option {raw_key!r} cannot be set per module; accepted: {', '.join(OVERRIDABLE)}")
         x = _parse_one(key, v, f"{where}.{raw_key}")

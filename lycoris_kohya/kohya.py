@@ -13,8 +13,17 @@ from .network import LycorisNetwork
 logger = logging.getLogger(__name__)
 
 
-def create_network(multiplier, network_dim, network_alpha, vae, text_encoder, unet, neuron_dropout=None, **kwargs):
-    """A new network. ``kwargs`` are sd-scripts' --network_args (strings) plus ``dropout``."""
+def create_network(multiplier, network_dim=None, network_alpha=None, vae=None, text_encoder=None, unet=None, /,
+                   neuron_dropout=None, **kwargs):
+    """A new network. ``kwargs`` are sd-scripts' --network_args (strings) plus ``dropout``.
+
+    The first six arguments are positional-only, as sd-scripts passes them: a network_arg named
+    ``network_dim``/``network_alpha`` then reaches the config (which refuses it with a message)
+    instead of failing with Python's "got multiple values for argument"."""
+    misplaced = [k for k in ("vae", "text_encoder", "unet") if k in kwargs]
+    if misplaced:
+        raise TypeError(f"create_network takes (multiplier, network_dim, network_alpha, vae, text_encoder, unet) "
+                        f"positionally, as sd-scripts calls it; got {', '.join(misplaced)} by name")
     config = parse_config(network_dim, network_alpha, neuron_dropout, kwargs)
     return LycorisNetwork(text_encoder, unet, config, multiplier=multiplier)
 

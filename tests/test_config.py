@@ -136,3 +136,39 @@ def test_harmless_misplaced_options_warn(caplog):
 def test_more_bad_inputs(args, match):
     with pytest.raises(ConfigError, match=match):
         parse_config(4, 1, None, args)
+
+
+@pytest.mark.parametrize("key,flag", [("network_dim", "--network_dim"), ("network_alpha", "--network_alpha"),
+                                      ("dim", "--network_dim"), ("alpha", "--network_alpha"),
+                                      ("neuron_dropout", "--network_dropout")])
+def test_sd_scripts_own_options_as_network_args_are_refused(key, flag):
+    with pytest.raises(ConfigError, match=f"network_arg {key}=.*{flag}"):
+        parse_config(4, 1, None, {key: "8" if "drop" not in key else "0.1"})
+
+
+def test_network_dim_network_arg_through_create_network_as_sd_scripts_calls_it(tmp_path):
+    """sd-scripts: create_network(1.0, args.network_dim, args.network_alpha, vae, te, unet,
+    neuron_dropout=args.network_dropout, **net_kwargs): a network_arg network_dim reaches us as a
+    keyword (create_network's first six arguments are positional-only) and gets a ConfigError, not
+    Python's "got multiple values for argument 'network_dim'"."""
+    import lycoris_kohya
+    from test_algorithms import ToyUNet
+
+    net_kwargs = {"network_dim": "8", "dropout": None}
+    with pytest.raises(ConfigError, match="--network_dim"):
+        lycoris_kohya.create_network(1.0, 4, 1, None, [], ToyUNet(), neuron_dropout=None, **net_kwargs)
+    net = lycoris_kohya.create_network(1.0, 4, 1, None, [], ToyUNet(), neuron_dropout=None, dropout=None)
+    path = str(tmp_path / "n.safetensors")
+    net.save_weights(path, None, {})
+    # --dim_from_weights: create_network_from_weights(1, file, vae, te, unet, **net_kwargs)
+    with pytest.raises(ConfigError, match="--network_alpha"):
+        lycoris_kohya.create_network_from_weights(1, path, None, [], ToyUNet(), network_alpha="2")
+    with pytest.raises(TypeError, match="positionally"):
+        lycoris_kohya.create_network(1.0, 4, 1, None, [], unet=ToyUNet())
+
+
+def test_override_aliases_still_name_the_override_values():
+    from lycoris_kohya.config import parse_overrides
+
+    assert parse_overrides("preset x", {"network_dim": 8, "network_alpha": 2}) == \
+        {"dim": 8, "alpha": 2.0, "conv_dim": 8, "conv_alpha": 2.0}
