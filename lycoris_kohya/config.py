@@ -259,6 +259,8 @@ def parse_overrides(where: str, raw: Mapping[str, Any]) -> Dict[str, Any]:
             raise ConfigError(f"{where}: option {raw_key!r} cannot be set per module; accepted: {', '.join(OVERRIDABLE)}")
         x = _parse_one(key, v, f"{where}.{raw_key}")
         out[key] = transform(x) if transform else x
+    if "algo" in out:  # an override that names its algorithm is checked now, matched or not
+        validate(NetworkConfig(algo=out["algo"]), given=set(out) & set(ALGO_ONLY), where=where)
     if "dim" in out and "conv_dim" not in out:
         out["conv_dim"] = out["dim"]
     if "alpha" in out and "conv_alpha" not in out:
@@ -266,21 +268,27 @@ def parse_overrides(where: str, raw: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def validate(cfg: NetworkConfig, given=()) -> None:
+def validate(cfg: NetworkConfig, given=(), where: str = "") -> None:
+    """The rules every config obeys; ``given``: the keys set explicitly (only those can be misplaced).
+    ``where`` names a preset override (file and pattern): its effective config is checked with the
+    same rules and messages, prefixed by it."""
+    def error(msg: str) -> ConfigError:
+        return ConfigError(f"{where}: {msg}" if where else msg)
+
     if cfg.algo not in ALGOS:
-        raise ConfigError(f"network_arg algo={cfg.algo!r}; accepted: {', '.join(ALGOS)}")
+        raise error(f"network_arg algo={cfg.algo!r}; accepted: {', '.join(ALGOS)}")
     for key, algos in ALGO_ONLY.items():
         if key in given and cfg.algo not in algos:
-            raise ConfigError(f"network_arg {key} applies to algo={'/'.join(algos)} only, not algo={cfg.algo}")
+            raise error(f"network_arg {key} applies to algo={'/'.join(algos)} only, not algo={cfg.algo}")
     for key in ("wd_on_output", "dora_detach_norm"):
         if key in given and getattr(cfg, key) and not cfg.dora_wd:
-            logger.warning(f"network_arg {key} has no effect without dora_wd=True")
+            logger.warning(f"{where + ': ' if where else ''}network_arg {key} has no effect without dora_wd=True")
     if (cfg.block_alphas is not None and cfg.block_dims is None) or \
             (cfg.conv_block_alphas is not None and cfg.conv_block_dims is None):
-        raise ConfigError("network_args block_alphas / conv_block_alphas need block_dims / conv_block_dims")
+        raise error("network_args block_alphas / conv_block_alphas need block_dims / conv_block_dims")
     if cfg.bypass_mode and cfg.dora_wd:
-        raise ConfigError("network_args bypass_mode and dora_wd cannot be combined: DoRA normalises the merged "
+        raise error("network_args bypass_mode and dora_wd cannot be combined: DoRA normalises the merged "
                           "weight W0 + g*dW, which bypass mode never forms; drop one of them")
     if cfg.train_norm:
-        raise ConfigError("network_arg train_norm is not supported: it trains norm layers as full-rank "
+        raise error("network_arg train_norm is not supported: it trains norm layers as full-rank "
                           "w_norm/b_norm tensors, a different algorithm this plugin does not provide")

@@ -15,7 +15,7 @@ from . import targets as tg
 from . import weights as wio
 from .algos import ALGORITHMS, Adapter
 from .algos.base import storable_alpha
-from .config import NetworkConfig
+from .config import NetworkConfig, validate
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class LycorisNetwork(nn.Module):
         self.loraplus_text_encoder_lr_ratio = config.loraplus_text_encoder_lr_ratio
 
         self.preset = presets.load(config.preset)
+        self._checked_overrides: set = set()
         if specs is None:
             te_targets, unet_targets = tg.select(text_encoder, unet, self.preset)
             self.is_sdxl = blocks.is_sdxl_layout(t.name for t in unet_targets)
@@ -127,9 +128,16 @@ class LycorisNetwork(nn.Module):
         if self.block_lr_weight is not None and idx >= 0 and self.block_lr_weight[idx] == 0:
             return None  # kohya leaves blocks with lr weight 0 out
         cfg = blocks.block_config(self.config, idx)
-        overrides = self.preset.overrides_for(target.owner_class, target.path)
-        if overrides:
-            cfg = cfg.replace(**overrides)
+        # each matching override table in turn, checked as network_args are: its own keys against the
+        # config in effect at its level (a later table may still change the algorithm, as an override
+        # may change the network's)
+        tables = list(self.preset.overrides(target.owner_class, target.path))
+        for i, (where, values) in enumerate(tables):
+            cfg = cfg.replace(**values)
+            key = tuple(w for w, _ in tables[:i + 1])
+            if key not in self._checked_overrides:  # once per combination of tables, not per layer
+                self._checked_overrides.add(key)
+                validate(cfg, given=set(values), where=f"preset {self.preset.name}: {where} (at {target.path})")
         return spec_from_config(cfg, target)
 
     def _make(self, target: tg.Target, spec: ModuleSpec, alpha: float) -> Adapter:

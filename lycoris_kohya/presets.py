@@ -43,17 +43,16 @@ class Preset:
     module_algo_map: Overrides = ()
     name_algo_map: Overrides = ()
 
-    def overrides_for(self, class_name: Optional[str], path: str) -> Dict[str, Any]:
-        """Per-class then per-path overrides that apply to one layer (later ones win)."""
-        out: Dict[str, Any] = {}
+    def overrides(self, class_name: Optional[str], path: str):
+        """The override tables that apply to one layer, in order of precedence (per class, then per
+        path; later ones win): (where, values), where is e.g. ``module_algo_map.'ResnetBlock2D'``."""
         if class_name is not None:
             for pattern, values in self.module_algo_map:
                 if fnmatchcase(class_name, pattern):
-                    out.update(values)
+                    yield f"module_algo_map.{pattern!r}", dict(values)
         for pattern, values in self.name_algo_map:
             if fnmatchcase(path, pattern):
-                out.update(values)
-        return out
+                yield f"name_algo_map.{pattern!r}", dict(values)
 
 
 def matches(patterns, text: str) -> bool:
@@ -112,7 +111,7 @@ def _strings(where: str, v: Any) -> Tuple[str, ...]:
 def _overrides(where: str, v: Any) -> Overrides:
     if not isinstance(v, Mapping):
         raise ConfigError(f"{where} must be a table of tables, got {v!r}")
-    return tuple((pattern, tuple(parse_overrides(f"{where}.{pattern}", opts).items())) for pattern, opts in v.items())
+    return tuple((pattern, tuple(parse_overrides(f"{where}.{pattern!r}", opts).items())) for pattern, opts in v.items())
 
 
 def from_dict(name: str, raw: Mapping[str, Any]) -> Preset:

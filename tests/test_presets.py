@@ -260,3 +260,59 @@ def test_mixed_algorithms_with_lokr_tucker_build(tmp_path, caplog):
     assert {a.algo for a in net.loras} == {"locon", "lokr"}
     assert any(a.algo == "lokr" and a.layout.tucker for a in net.loras)
     assert "lokr_t2" in caplog.text
+
+
+# ----- overrides are validated as network_args are ----------------------------------------------
+@pytest.mark.parametrize("table,network_args,match", [
+    # the issue's example: LoKr-only options with another algorithm in the same override
+    ('[module_algo_map.ResnetBlock2D]\nalgo = "loha"\nfactor = 4', {},
+     r"module_algo_map.'ResnetBlock2D'.*factor applies to algo=lokr only, not algo=loha"),
+    ('[name_algo_map."*.conv1"]\nalgo = "locon"\ndecompose_both = true', {"algo": "lokr"},
+     r"name_algo_map.'\*.conv1'.*decompose_both applies to algo=lokr only, not algo=locon"),
+    # no algo in the override: checked against the network's algorithm
+    ('[module_algo_map.ResnetBlock2D]\nfull_matrix = true', {"algo": "loha"},
+     r"module_algo_map.'ResnetBlock2D'.*full_matrix applies to algo=lokr only, not algo=loha"),
+    # DoRA switched on per class in a bypass-mode network
+    ('[module_algo_map.ResnetBlock2D]\ndora_wd = true', {"bypass_mode": "true"},
+     r"module_algo_map.'ResnetBlock2D'.*bypass_mode and dora_wd cannot be combined"),
+])
+def test_override_errors_name_the_file_the_table_and_the_rule(models, tmp_path, table, network_args, match):
+    te, unet = models
+    p = tmp_path / "bad-override.toml"
+    p.write_text('unet_target_module = ["ResnetBlock2D"]\n' + table + "\n")
+    with pytest.raises(ConfigError, match=match) as e:
+        lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, preset=str(p), **network_args)
+    assert str(p) in str(e.value)
+    # the same options as network_args give the same rule's message
+    flat = dict(line.split(" = ") for line in table.splitlines()[1:])
+    flat = {k: v.strip('"') for k, v in flat.items()}
+    with pytest.raises(ConfigError, match=match.split(".*", 1)[1]):
+        lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, **{**network_args, **flat})
+
+
+def test_an_override_naming_its_algorithm_is_checked_even_if_it_matches_nothing(tmp_path):
+    p = tmp_path / "unmatched.toml"
+    p.write_text('[module_algo_map.NoSuchBlock]\nalgo = "loha"\nfactor = 4\n')
+    with pytest.raises(ConfigError, match="unmatched.toml.*NoSuchBlock.*factor applies to algo=lokr only"):
+        presets.load(str(p))
+
+
+def test_override_warnings_name_the_table(models, tmp_path, caplog):
+    te, unet = models
+    p = tmp_path / "warn.toml"
+    p.write_text('unet_target_module = ["ResnetBlock2D"]\n[module_algo_map.ResnetBlock2D]\nwd_on_output = true\n')
+    lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, preset=str(p))
+    assert "module_algo_map.'ResnetBlock2D'" in caplog.text and "wd_on_output has no effect" in caplog.text
+    assert caplog.text.count("wd_on_output has no effect") == 1  # once, not once per layer
+
+
+def test_a_later_table_may_change_the_algorithm(models, tmp_path):
+    """A LoKr class override with factor, then a path override sending some of those layers to LoHa:
+    each table is right at its own level (as network_args algo=lokr factor=8 with a LoHa override)."""
+    te, unet = models
+    p = tmp_path / "layered.toml"
+    p.write_text('unet_target_module = ["ResnetBlock2D"]\n[module_algo_map.ResnetBlock2D]\nalgo = "lokr"\n'
+                 'factor = 4\n[name_algo_map."mid_block.*"]\nalgo = "loha"\n')
+    net = lycoris_kohya.create_network(1.0, 4, 1, None, te, unet, preset=str(p))
+    algos = {a.lora_name.startswith("lora_unet_mid_block"): a.algo for a in net.unet_loras}
+    assert algos == {True: "loha", False: "lokr"}
