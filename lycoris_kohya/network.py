@@ -1,6 +1,8 @@
 """The network: adapters built from a config (or from a file's layouts), and the kohya protocol."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -18,6 +20,10 @@ from .algos.base import storable_alpha
 from .config import NetworkConfig, validate
 
 logger = logging.getLogger(__name__)
+
+#: the metadata key under which every saved file describes itself (JSON); never an ss_* key, so
+#: sd-scripts' metadata and the sshs hashes (over ss_* only) are untouched
+METADATA_KEY = "lycoris_kohya"
 
 
 @dataclass
@@ -322,10 +328,45 @@ class LycorisNetwork(nn.Module):
         return {f"{a.lora_name}.{k}": v for a in self.loras for k, v in a.export_tensors().items()}
 
     def save_weights(self, file: str, dtype=None, metadata: Optional[Dict[str, str]] = None) -> None:
+        """Write the file atomically. sd-scripts' metadata (``ss_*``, modelspec) is kept as given and
+        the plugin's own description is added under ``lycoris_kohya``; the caller's dict is not changed."""
         sd = {k: v.detach().to("cpu") for k, v in self.export_state_dict().items()}
         if dtype is not None:
             sd = {k: v.to(dtype) for k, v in sd.items()}
-        wio.save_weights(file, sd, metadata)
+        meta = dict(metadata or {})
+        meta[METADATA_KEY] = json.dumps(self.plugin_metadata(), sort_keys=True)
+        wio.save_weights(file, sd, meta)
+
+    def plugin_metadata(self) -> Dict[str, object]:
+        """What the file is, for people and tools (sd-scripts' ss_network_args is None for a network
+        made by create_network_from_weights): algorithms, DoRA axis, module counts per prefix, and a
+        summary of the modules' layouts (algo, layer kind, rank, alpha, layout flags, DoRA axis),
+        read from the tensors by each algorithm's own ``layout()``."""
+        from . import __version__
+
+        groups: Dict[str, Dict[str, object]] = {}
+        prefixes: Dict[str, int] = {}
+        for a in self.loras:
+            info = dict(ALGORITHMS[a.algo][1].layout(a.export_tensors(), a.geometry))
+            flags = {}
+            for k, v in info.items():  # the booleans of the layout (Tucker, low-rank factors), not sizes
+                v = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else {k: v}
+                flags.update({kk: vv for kk, vv in v.items() if isinstance(vv, bool) and kk != "use_alpha"})
+            g = a.geometry
+            entry = {"algo": a.algo, "layer": "linear" if not g.is_conv else "conv" + "x".join(map(str, g.kernel)),
+                     "rank": int(info["rank"]), "alpha": float(a.alpha), "dora_axis": a.dora_axis, **flags}
+            key = json.dumps(entry, sort_keys=True)
+            groups.setdefault(key, dict(entry, modules=0))["modules"] += 1
+            prefix = "_".join(a.lora_name.split("_")[:2])
+            prefixes[prefix] = prefixes.get(prefix, 0) + 1
+        axes = sorted({str(a.dora_axis) for a in self.loras if a.dora_axis is not None})
+        return {
+            "plugin_version": __version__,
+            "algorithms": sorted({a.algo for a in self.loras}),
+            "dora_axis": None if not axes else axes[0] if len(axes) == 1 else axes,
+            "modules": prefixes,
+            "layouts": sorted(groups.values(), key=lambda e: (-e["modules"], json.dumps(e, sort_keys=True))),
+        }
 
     # ----- merging (--base_weights, merge scripts, gen_img) ------------------------------------
     def is_mergeable(self) -> bool:
