@@ -282,10 +282,11 @@ class LycorisNetwork(nn.Module):
         module's factors are rescaled so that n == max_norm_value. Returns (modules rescaled, mean
         norm, max norm) over all modules after rescaling, as Python numbers."""
         limit = float(max_norm_value)
+        self.check_finite()
         norms: List[float] = []
         keys_scaled = 0
         for a in self.loras:
-            n = a.delta_norm()
+            n = self._delta_norm(a)
             if n > limit:
                 a.rescale_delta(limit / n)
                 n = a.delta_norm()
@@ -294,6 +295,30 @@ class LycorisNetwork(nn.Module):
         if not norms:
             return 0, 0.0, 0.0
         return keys_scaled, sum(norms) / len(norms), max(norms)
+
+    def check_finite(self) -> None:
+        """Raise FloatingPointError naming every adapter tensor that holds a NaN or an Inf.
+
+        Called every step by the norm methods: a non-finite factor never recovers (every later
+        output is NaN), max-norm cannot rescale it (and would zero a module whose norm is Inf), and
+        save_weights refuses to write it; stopping at the step it appears keeps the last good file
+        and says where training diverged."""
+        named = {f"{a.lora_name}.{k}": t for a in self.loras for k, t in a.named_parameters()}
+        bad = wio.non_finite(named)
+        if bad:
+            more = f" (and {len(bad) - 1} more: {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})" \
+                if len(bad) > 1 else ""
+            raise FloatingPointError(
+                f"lycoris_kohya: {bad[0]} holds NaN or Inf{more}: training diverged. Files saved before "
+                "this step are intact; lower the learning rate, or check --mixed_precision / --full_fp16")
+
+    @staticmethod
+    def _delta_norm(a: Adapter) -> float:
+        n = a.delta_norm()
+        if not math.isfinite(n):  # finite tensors (checked) whose ||g*dW|| overflows the dtype
+            raise FloatingPointError(f"lycoris_kohya: {a.lora_name}: ||g*dW|| = {n} although its tensors are finite: "
+                                     "the update overflows its dtype")
+        return n
 
     # ----- files -------------------------------------------------------------------------------
     def load_weights(self, file: str):
@@ -332,7 +357,12 @@ class LycorisNetwork(nn.Module):
         the plugin's own description is added under ``lycoris_kohya``; the caller's dict is not changed."""
         sd = {k: v.detach().to("cpu") for k, v in self.export_state_dict().items()}
         if dtype is not None:
+            before = set(wio.non_finite(sd))
             sd = {k: v.to(dtype) for k, v in sd.items()}
+            overflow = [k for k in wio.non_finite(sd) if k not in before]
+            if overflow:
+                raise ValueError(f"refusing to write {file}: {overflow[0]} is finite but overflows {dtype} "
+                                 f"({len(overflow)} tensors); save in a wider dtype (--save_precision float/bf16)")
         meta = dict(metadata or {})
         meta[METADATA_KEY] = json.dumps(self.plugin_metadata(), sort_keys=True)
         wio.save_weights(file, sd, meta)

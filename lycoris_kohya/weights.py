@@ -6,7 +6,7 @@ import hashlib
 import os
 import stat
 import tempfile
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -73,8 +73,27 @@ def write_atomic(path: str, data: bytes) -> None:
         raise
 
 
+def non_finite(tensors: Mapping[str, torch.Tensor]) -> List[str]:
+    """Keys of the tensors holding a NaN or an Inf, in order (one device sync per device)."""
+    by_device: Dict[torch.device, List[str]] = {}
+    for k, t in tensors.items():
+        by_device.setdefault(t.device, []).append(k)
+    bad = set()
+    for keys in by_device.values():
+        ok = torch.stack([torch.isfinite(tensors[k]).all() for k in keys]).cpu()
+        bad.update(k for k, good in zip(keys, ok.tolist()) if not good)
+    return [k for k in tensors if k in bad]
+
+
 def save_weights(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> None:
+    """Write tensors (and, for .safetensors, metadata with the sshs hashes) atomically. A tensor
+    holding NaN or Inf is refused before anything is written: the previous file stays as it was."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    bad = non_finite(tensors)
+    if bad:
+        raise ValueError(f"refusing to write {path}: {bad[0]} holds NaN or Inf"
+                         + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
+                         + "; the previous file, if any, is unchanged")
     if os.path.splitext(path)[1].lower() != ".safetensors":
         import io
 
