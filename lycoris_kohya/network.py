@@ -25,6 +25,13 @@ logger = logging.getLogger(__name__)
 #: sd-scripts' metadata and the sshs hashes (over ss_* only) are untouched
 METADATA_KEY = "lycoris_kohya"
 
+_REGIONAL = (
+    "lycoris_kohya does not implement gen_img.py's regional prompting (a --mask_path image used as "
+    "per-network regions, --network_regional_mask_max_color_codes): networks.lora's regional forward "
+    "masks each module's output and rearranges the sub-prompt batch in attn2, which this plugin's "
+    "adapters do not do. Generate without --mask_path, or merge this network into the model "
+    "(list it first and pass --network_merge_n_models) so that only networks.lora networks get regions.")
+
 
 @dataclass
 class ModuleSpec:
@@ -295,6 +302,51 @@ class LycorisNetwork(nn.Module):
         if not norms:
             return 0, 0.0, 0.0
         return keys_scaled, sum(norms) / len(norms), max(norms)
+
+    # ----- norms sd-scripts logs without --scale_weight_norms (norm/avg_key_norm, ...) ----------------
+    # train_network.py, per optimizer step: backward -> update_grad_norms() -> update_norms() ->
+    # optimizer.step() -> zero_grad(set_to_none) -> weight_norms(), grad_norms(), combined_weight_norms()
+    # (the last three on every micro-step), each a tensor or None of which it logs .mean()/.max().
+    @torch.no_grad()
+    def update_grad_norms(self) -> None:
+        """Per module, the norm of the gradient of all its trainable tensors, taken while the
+        gradients exist (sd-scripts zeroes them before asking for grad_norms)."""
+        norms = []
+        for a in self.loras:
+            grads = [p.grad for p in a.parameters() if p.grad is not None]
+            if grads:
+                norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+        self._grad_norms = torch.stack([n.cpu() for n in norms]) if norms else None
+
+    @torch.no_grad()
+    def update_norms(self) -> None:
+        """Per module ||g*dW||_F (multiplier 1, no dropout): the quantity --scale_weight_norms bounds,
+        from each adapter's delta_norm() (no dense delta where a factor identity exists). Checks
+        every tensor first, as max-norm does (a NaN/Inf stops training, naming it)."""
+        self.check_finite()
+        self._weight_norms = torch.tensor([self._delta_norm(a) for a in self.loras], dtype=torch.float32)
+
+    def weight_norms(self) -> Optional[torch.Tensor]:
+        """The per-module norms of the last update_norms() (computed now if there was none)."""
+        if getattr(self, "_weight_norms", None) is None:
+            self.update_norms()
+        return self._weight_norms
+
+    def grad_norms(self) -> Optional[torch.Tensor]:
+        return getattr(self, "_grad_norms", None)
+
+    def combined_weight_norms(self) -> Optional[torch.Tensor]:
+        """None (sd-scripts then logs nothing): networks.lora_flux logs a GGPO estimate
+        sqrt(||W0||^2 + ||dW||^2) here, which is not the norm of W0 + g*dW; this network does not
+        report a number it does not compute."""
+        return None
+
+    # ----- gen_img.py regional prompting ---------------------------------------------------------
+    def set_region(self, sub_prompt_index, is_last_network, mask):
+        raise NotImplementedError(_REGIONAL)
+
+    def set_current_generation(self, batch_size, num_sub_prompts, width, height, shared, ds_ratio=None):
+        raise NotImplementedError(_REGIONAL)
 
     def check_finite(self) -> None:
         """Raise FloatingPointError naming every adapter tensor that holds a NaN or an Inf.

@@ -324,3 +324,57 @@ def test_alpha_is_rounded_once_to_what_files_store(models, tmp_path):
     path = str(tmp_path / "n.safetensors")
     net.save_weights(path, torch.bfloat16, {})
     assert float(load_file(path)[a.lora_name + ".alpha"]) == stored
+
+
+# ----- the optional protocol: norms logged without --scale_weight_norms, regional prompting -------
+@pytest.mark.parametrize("args", [{"algo": "locon", "use_tucker": "true"}, {"algo": "loha"},
+                                  {"algo": "lokr", "dora_wd": "true", "use_scalar": "true"}])
+def test_norm_logging_as_train_network_calls_it(args):
+    from test_algorithms import INPUTS, ToyUNet, reference_delta
+
+    unet = ToyUNet()
+    net = randomize(lycoris_kohya.create_network(1.0, 2, 3.0, None, [], unet, **args), seed=4, std=0.2)
+    net.apply_to([], unet)
+    params, _ = net.prepare_optimizer_params(None, 1e-2, 1e-2)
+    opt = torch.optim.SGD(params, lr=1e-2)
+    net.train()
+    loss = sum(getattr(unet.block, n)(make()).square().mean() for n, make in INPUTS.items())
+    loss.backward()
+    # independent: per module, the 2-norm over all its gradients; ||g*dW|| from the exported tensors
+    want_grads = [float(torch.cat([p.grad.flatten() for p in a.parameters()]).norm()) for a in net.loras]
+    sd = net.export_state_dict()
+    want_weights = []
+    for a in net.loras:
+        g, dw = reference_delta(sd, a.lora_name, a.layer.weight.shape)
+        want_weights.append(float((g * dw).norm()))
+    # train_network.py: if accelerator.sync_gradients: update_grad_norms(); update_norms()
+    net.update_grad_norms()
+    net.update_norms()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    weight_norms, grad_norms = net.weight_norms(), net.grad_norms()
+    assert net.combined_weight_norms() is None
+    assert weight_norms.tolist() == pytest.approx(want_weights, rel=1e-4)
+    assert grad_norms.tolist() == pytest.approx(want_grads, rel=1e-5)
+    # what train_network logs
+    assert weight_norms.mean().item() == pytest.approx(sum(want_weights) / len(want_weights), rel=1e-4)
+    assert weight_norms.max().item() == pytest.approx(max(want_weights), rel=1e-4)
+    assert grad_norms.mean().item() > 0
+
+
+def test_norm_logging_stops_on_a_non_finite_tensor():
+    from test_algorithms import ToyUNet
+
+    net = randomize(lycoris_kohya.create_network(1.0, 2, 3.0, None, [], ToyUNet(), algo="loha"))
+    with torch.no_grad():
+        net.loras[1].hada_w2_b.view(-1)[3] = float("nan")
+    with pytest.raises(FloatingPointError, match=net.loras[1].lora_name + r"\.hada_w2_b"):
+        net.update_norms()
+
+
+def test_regional_prompting_is_a_clear_error(models):
+    net = net_for(models)
+    for call in (lambda: net.set_region(0, True, torch.ones(8, 8)),
+                 lambda: net.set_current_generation(1, 2, 64, 64, {}, None)):
+        with pytest.raises(NotImplementedError, match="--network_regional_mask_max_color_codes"):
+            call()
