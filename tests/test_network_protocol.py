@@ -319,11 +319,12 @@ def test_alpha_is_rounded_once_to_what_files_store(models, tmp_path):
     te, unet = models
     net = lycoris_kohya.create_network(1.0, 4, 0.3, None, te, unet)
     a = net.loras[0]
-    stored = float(torch.tensor(0.3, dtype=torch.bfloat16))
+    stored = 0.30078125  # SPEC section 3: bf16 stores 0.3 as 0.30078125
     assert a.scale == stored / 4
     path = str(tmp_path / "n.safetensors")
-    net.save_weights(path, torch.bfloat16, {})
-    assert float(load_file(path)[a.lora_name + ".alpha"]) == stored
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        net.save_weights(path, dtype, {})
+        assert float(load_file(path)[a.lora_name + ".alpha"]) == stored, dtype
 
 
 # ----- the optional protocol: norms logged without --scale_weight_norms, regional prompting -------
