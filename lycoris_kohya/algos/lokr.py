@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, LayerGeometry, kaiming
+from .base import Adapter, LayerGeometry, alpha_scale, kaiming
 
 W1, W1A, W1B = "lokr_w1", "lokr_w1_a", "lokr_w1_b"
 W2, W2A, W2B, T2 = "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"
@@ -270,7 +270,7 @@ class LoKrAdapter(Adapter):
     @property
     def scale(self) -> float:
         # both factors full: alpha is ignored, as every reader does
-        return super().scale if self.layout.use_alpha else 1.0
+        return alpha_scale(self._alpha_value, self.rank) if self.layout.use_alpha else 1.0
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self._names}
