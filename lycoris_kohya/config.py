@@ -83,6 +83,7 @@ class NetworkConfig:
     wd_on_output: bool = False
     dora_detach_norm: bool = False
     bypass_mode: bool = False
+    forward_path: str = "auto"  # auto (cost model per layer and call), fold, structured
     train_norm: bool = False
     loraplus_lr_ratio: Optional[float] = None
     loraplus_unet_lr_ratio: Optional[float] = None
@@ -165,6 +166,11 @@ def _parse_one(key: str, v: Any, label: Optional[str] = None) -> Any:
         return x
     if key == "preset":
         return str(v)
+    if key == "forward_path":
+        s = str(v).strip().lower()
+        if s not in FORWARD_PATHS:
+            raise ConfigError(f"network_arg {label}={v!r}; accepted: {', '.join(FORWARD_PATHS)}")
+        return s
     if key in ("block_dims", "conv_block_dims"):
         return _parse_list(label, v, int, 0)
     if key in ("block_alphas", "conv_block_alphas", "mid_lr_weight"):
@@ -184,6 +190,7 @@ def _parse_one(key: str, v: Any, label: Optional[str] = None) -> Any:
     raise ConfigError(f"unknown network_arg {key!r}")  # pragma: no cover - guarded by caller
 
 
+FORWARD_PATHS = ("auto", "fold", "structured")
 LR_WEIGHT_CURVES = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 
 

@@ -162,6 +162,7 @@ class LycorisNetwork(nn.Module):
                 target.name, target.layer, rank=spec.rank, alpha=alpha, multiplier=self.multiplier,
                 dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
                 dora_axis=spec.dora_axis, dora_detach_norm=cfg.dora_detach_norm, bypass=cfg.bypass_mode,
+                forward_path=cfg.forward_path,
                 **spec.options,
             )
         except (ValueError, TypeError) as e:

@@ -1,17 +1,23 @@
 #!/usr/bin/env python
-"""Seconds per training step (forward + backward + AdamW step) and peak memory of a UNet with an
-adapter network, as ratios against baselines measured in the same run (each measurement in a fresh
-child process, so its peak resident memory -- or peak CUDA memory on a GPU -- is its own):
+"""Seconds per training step (forward + backward + AdamW step) and peak memory of a U-Net with an
+adapter network, on real layer shapes, as ratios against baselines measured in the same run. Every
+configuration runs in a fresh child process (its peak resident memory, or peak CUDA memory, is its
+own); the floor is measured at the start and at the end of the run.
 
-  base      the frozen UNet alone (forward + backward to the input)
-  lycoris   lycoris-lora's network with the same algorithm, targets, rank and options (if importable)
-  kohya     sd-scripts' networks.lora (LoCon only; if sd-scripts is on PYTHONPATH)
+  floor     the frozen U-Net alone: forward + backward to its input
+  kohya     sd-scripts' networks.lora on the same modules (LoCon rows; sd-scripts on PYTHONPATH)
+  lycoris   lycoris-lora with the same algorithm, modules, rank and options (if installed)
 
-    python scripts/bench.py --algos locon,loha,lokr --steps 10
-    PYTHONPATH=$SD_SCRIPTS python scripts/bench.py --dora      # in an env with lycoris-lora installed
+    python scripts/bench.py --shape sd15 --latent 8,32            # the README's table
+    python scripts/bench.py --shape sdxl --latent 16 --only locon,lokr_dora
+    PYTHONPATH=$SD_SCRIPTS python scripts/bench.py ...             # adds networks.lora and, where
+                                                                   # installed, lycoris-lora
 
-Timings are medians over --steps after --warmup steps, on whatever device --device names. The UNet is a
-diffusers UNet2DConditionModel sized by --channels; nothing is downloaded.
+Shapes: sd15 = diffusers UNet2DConditionModel with SD1.5's config (320/640/1280/1280, 2 layers per
+block, cross-attention 768, head dim 8); sdxl = SDXL's (320/640/1280, 1/2/10 transformer layers,
+cross-attention 2048, text_time embedding); toy = 64/128, one layer per block. Random weights,
+nothing downloaded. Configurations: rank 8, alpha 4, preset attn-mlp (the transformer blocks) unless
+the row says otherwise; batch 1; AdamW.
 """
 from __future__ import annotations
 
@@ -25,124 +31,177 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-LYCORIS_PRESET = """
-enable_conv = true
-unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]
-unet_target_name = []
-text_encoder_target_module = ["CLIPAttention", "CLIPSdpaAttention", "CLIPMLP"]
-text_encoder_target_name = []
-"""
+# name -> (our network_args, comparable to lycoris-lora?, comparable to kohya networks.lora?)
+CONFIGS = {
+    "locon": ({"algo": "locon"}, True, True),
+    "locon_conv": ({"algo": "locon", "preset": "default", "conv_dim": 8, "conv_alpha": 4}, True, True),
+    "locon_conv_tucker": ({"algo": "locon", "preset": "default", "conv_dim": 8, "conv_alpha": 4, "use_tucker": True}, True, False),
+    "loha": ({"algo": "loha"}, True, False),
+    "loha_conv_tucker": ({"algo": "loha", "preset": "default", "conv_dim": 8, "conv_alpha": 4, "use_tucker": True}, True, False),
+    "lokr": ({"algo": "lokr"}, True, False),
+    "lokr_conv": ({"algo": "lokr", "preset": "default", "conv_dim": 8, "conv_alpha": 4}, True, False),
+    "locon_dora": ({"algo": "locon", "dora_wd": True}, True, False),
+    "locon_dora_out": ({"algo": "locon", "dora_wd": True, "wd_on_output": True}, True, False),
+    "loha_dora": ({"algo": "loha", "dora_wd": True}, True, False),
+    "loha_dora_out": ({"algo": "loha", "dora_wd": True, "wd_on_output": True}, True, False),
+    "lokr_dora": ({"algo": "lokr", "dora_wd": True}, True, False),
+    "lokr_dora_out": ({"algo": "lokr", "dora_wd": True, "wd_on_output": True}, True, False),
+    "locon_dropouts": ({"algo": "locon", "dropout": 0.1, "rank_dropout": 0.1, "module_dropout": 0.1}, True, True),
+    "loha_dropouts": ({"algo": "loha", "dropout": 0.1, "rank_dropout": 0.1, "module_dropout": 0.1}, True, False),
+    "lokr_maxnorm": ({"algo": "lokr", "scale_weight_norms": 1.0}, True, False),
+    "loha_maxnorm": ({"algo": "loha", "scale_weight_norms": 1.0}, True, False),
+}
+DEFAULT_ROWS = "locon,locon_conv,loha,lokr,locon_dora,loha_dora,lokr_dora"
+
+LYCORIS_PRESETS = {
+    "attn-mlp": '''unet_target_module = ["Transformer2DModel"]\nunet_target_name = []\n'''
+                '''text_encoder_target_module = []\ntext_encoder_target_name = []\n''',
+    "default": '''unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]\n'''
+               '''unet_target_name = []\ntext_encoder_target_module = []\ntext_encoder_target_name = []\n''',
+}
+
+SHAPES = {
+    "toy": dict(block_out_channels=(64, 128), layers_per_block=1, cross_attention_dim=64, attention_head_dim=8,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=32),
+    "sd15": dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross_attention_dim=768,
+                 attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "sdxl": dict(block_out_channels=(320, 640, 1280), layers_per_block=2, cross_attention_dim=2048,
+                 attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                 addition_embed_type="text_time", addition_time_embed_dim=256,
+                 projection_class_embeddings_input_dim=2816),
+}
 
 
-def make_unet(channels, cross_dim, seed=0):
+def make_unet(shape: str, seed: int = 0):
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    n = len(channels)
-    unet = UNet2DConditionModel(
-        block_out_channels=channels, layers_per_block=1, cross_attention_dim=cross_dim, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1), norm_num_groups=32, sample_size=32,
-    )
-    return unet.requires_grad_(False).train()
+    return UNet2DConditionModel(**SHAPES[shape]).requires_grad_(False).train()
 
 
-def make_text_encoder(width):
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    cfg = CLIPTextConfig(hidden_size=width, intermediate_size=width * 4, num_hidden_layers=2, num_attention_heads=4,
-                         vocab_size=1000, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1)
-    return CLIPTextModel(cfg).requires_grad_(False)
-
-
-def time_steps(step, n, warmup):
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def bench_network(kind, algo, args, net_args):
-    """Median seconds per step for one network implementation (None for the frozen base)."""
+def inputs(shape: str, latent: int, batch: int, device: str):
     import torch
 
-    unet = make_unet(args.channels, args.cross_dim).to(args.device)
-    te = make_text_encoder(args.cross_dim)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, 4, args.res, args.res, generator=g).to(args.device)
-    enc = torch.randn(args.batch, 77, args.cross_dim, generator=g).to(args.device)
-    t = torch.tensor([500] * args.batch, device=args.device)
+    cross = SHAPES[shape]["cross_attention_dim"]
+    x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
+    enc = torch.randn(batch, 77, cross, generator=g).to(device)
+    kw = {}
+    if shape == "sdxl":
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 1280, generator=g).to(device),
+                                   "time_ids": torch.randn(batch, 6, generator=g).to(device)}
+    return x, torch.tensor([500] * batch, device=device), enc, kw
 
-    params = None
+
+def build(kind: str, config: str, unet, args):
+    """The network of one row, applied to the U-Net (None for the floor)."""
+    if kind == "floor":
+        return None
+    net_args = dict(CONFIGS[config][0])
+    net_args.pop("scale_weight_norms", None)
+    preset = net_args.pop("preset", "attn-mlp")
     if kind == "ours":
         import lycoris_kohya
 
-        net = lycoris_kohya.create_network(1.0, args.dim, args.alpha, None, te, unet, algo=algo, **net_args)
+        net = lycoris_kohya.create_network(1.0, args.dim, args.alpha, None, [], unet, preset=preset,
+                                           **{k: str(v) for k, v in net_args.items()})
     elif kind == "lycoris":
         from lycoris.kohya import create_network
 
-        preset = os.path.join(tempfile.mkdtemp(), "preset.toml")
-        with open(preset, "w") as f:
-            f.write(LYCORIS_PRESET)
-        extra = {k: str(v) for k, v in net_args.items()}
-        if "dora_wd" in extra:
-            extra["wd_on_output"] = "False"  # the same (input) axis as ours
-        net = create_network(1.0, args.dim, args.alpha, None, te, unet, algo=algo, preset=preset, **extra)
-    elif kind == "kohya":
+        path = os.path.join(tempfile.mkdtemp(), "preset.toml")
+        with open(path, "w") as f:
+            f.write(LYCORIS_PRESETS[preset])
+        extra = {k: str(v) for k, v in net_args.items() if k != "algo"}
+        if "dora_wd" in extra and "wd_on_output" not in extra:
+            extra["wd_on_output"] = "False"  # lycoris-lora defaults to the output axis; ours to the input one
+        net = create_network(1.0, args.dim, args.alpha, None, [], unet, algo=net_args["algo"], preset=path, **extra)
+    else:  # kohya networks.lora: Transformer2DModel, plus ResNet/samplers with conv_dim
         from networks.lora import create_network
 
-        net = create_network(1.0, args.dim, args.alpha, None, te, unet, conv_dim=net_args.get("conv_dim"),
-                             conv_alpha=net_args.get("conv_alpha"))
-    if kind != "base":
-        net.apply_to(te, unet, apply_text_encoder=False, apply_unet=True)
-        net.to(args.device)
-        params, _ = net.prepare_optimizer_params(None, 1e-4, 1e-4) if kind != "kohya" else \
-            net.prepare_optimizer_params(None, 1e-4, 1e-4)
+        kw = {}
+        if "conv_dim" in net_args:
+            kw = {"conv_dim": str(net_args["conv_dim"]), "conv_alpha": str(net_args["conv_alpha"])}
+        for k in ("rank_dropout", "module_dropout"):
+            if k in net_args:
+                kw[k] = str(net_args[k])
+        net = create_network(1.0, args.dim, args.alpha, None, [], unet, neuron_dropout=net_args.get("dropout"), **kw)
+    net.apply_to([], unet, apply_text_encoder=False, apply_unet=True)
+    net.to(args.device)
+    return net
+
+
+def run_one(kind, config, args, latent):
+    """(median seconds per step, modules) of one configuration, in this process."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    unet = make_unet(args.shape).to(args.device)
+    x, t, enc, kw = inputs(args.shape, latent, args.batch, args.device)
+    net = build(kind, config, unet, args)
+    max_norm = CONFIGS[config][0].get("scale_weight_norms") if config else None
+    if net is None:
+        inp, opt, modules = x.clone().requires_grad_(True), None, 0
+    else:
+        inp = x
+        params, _ = net.prepare_optimizer_params(None, 1e-4, 1e-4)
         opt = torch.optim.AdamW(params, lr=1e-4)
         net.train()
-        inp = x
-    else:
-        inp = x.clone().requires_grad_(True)
-        opt = None
+        modules = len(getattr(net, "unet_loras", []))
 
     def step():
-        out = unet(inp, t, enc).sample
+        out = unet(inp, t, enc, **kw).sample
         out.float().square().mean().backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)
+            if max_norm is not None:
+                net.apply_max_norm_regularization(max_norm, args.device)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    return time_steps(step, args.steps, args.warmup)
+    for _ in range(args.warmup):
+        step()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), modules
 
 
-def _child(conn, kind, algo, args, net_args):
+def _child(conn, kind, config, args, latent):
     import resource
 
     import torch
 
-    t = bench_network(kind, algo, args, net_args)
-    if args.device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
-    conn.send((t, peak))
+    if not args.verbose:  # the libraries' logs would interleave with the table
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    try:
+        t, modules = run_one(kind, config, args, latent)
+        if args.device.startswith("cuda"):
+            peak = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+        conn.send((t, peak, modules, None))
+    except Exception as e:  # reported as a row, not a crash of the whole run
+        conn.send((None, None, None, f"{type(e).__name__}: {e}"))
     conn.close()
 
 
-def measure(kind, algo, args, net_args):
-    """(seconds per step, peak MiB) of one network, in a fresh process."""
+def measure(kind, config, args, latent):
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    p = ctx.Process(target=_child, args=(child, kind, algo, args, net_args))
+    p = ctx.Process(target=_child, args=(child, kind, config, args, latent))
     p.start()
     result = parent.recv()
     p.join()
@@ -159,50 +218,63 @@ def importable(module):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--algos", default="locon,loha,lokr")
-    p.add_argument("--dora", action="store_true", help="also each algorithm with dora_wd=True")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="sd15")
+    p.add_argument("--latent", default="8", help="latent sizes, comma-separated (8 = 64 px)")
+    p.add_argument("--only", default=DEFAULT_ROWS, help=f"rows, comma-separated, of: {', '.join(CONFIGS)}; 'all'")
     p.add_argument("--dim", type=int, default=8)
     p.add_argument("--alpha", type=float, default=4.0)
-    p.add_argument("--channels", default="64,128", help="UNet block_out_channels")
-    p.add_argument("--cross_dim", type=int, default=64)
-    p.add_argument("--res", type=int, default=32, help="latent size")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-lycoris", action="store_true", help="skip lycoris-lora even if installed")
+    p.add_argument("--verbose", action="store_true", help="let the children print their logs")
     args = p.parse_args(argv)
-    args.channels = tuple(int(c) for c in args.channels.split(","))
-
-    import torch
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    have_lycoris, have_kohya = importable("lycoris.kohya"), importable("networks.lora")
-    print(f"UNet {args.channels}, latent {args.res}x{args.res}, batch {args.batch}, rank {args.dim}, device "
-          f"{args.device}; lycoris-lora: {'yes' if have_lycoris else 'not installed'}, "
-          f"kohya networks.lora: {'yes' if have_kohya else 'not on PYTHONPATH'}")
-    base, base_mem = measure("base", None, args, {})
+    rows = list(CONFIGS) if args.only == "all" else args.only.split(",")
+    unknown = [r for r in rows if r not in CONFIGS]
+    if unknown:
+        p.error(f"unknown rows {unknown}; known: {', '.join(CONFIGS)}")
+    have_lycoris = importable("lycoris.kohya") and not args.no_lycoris
+    have_kohya = importable("networks.lora")
     unit = "MiB CUDA" if args.device.startswith("cuda") else "MiB RSS"
-    print(f"{'network':28s} {'s/step':>8s} {'x base':>7s} {'peak ' + unit:>14s} {'x base':>7s} {'x lycoris (time, memory)':>26s}")
-    print(f"{'frozen base':28s} {base:8.4f} {1.0:7.2f} {base_mem:14.0f} {1.0:7.2f}")
-    conv = {"conv_dim": args.dim, "conv_alpha": args.alpha}
-    rows = [(a, {}) for a in args.algos.split(",")]
-    if args.dora:
-        rows += [(a, {"dora_wd": True}) for a in args.algos.split(",")]
-    def row(label, t, mem):
-        return f"{label:28s} {t:8.4f} {t / base:7.2f} {mem:14.0f} {mem / base_mem:7.2f}"
-
-    if have_kohya:
-        print(row("kohya networks.lora", *measure("kohya", "locon", args, conv)), flush=True)
-    for algo, extra in rows:
-        net_args = {**conv, **extra}
-        label = algo + (" + DoRA" if extra else "")
-        ours, mem = measure("ours", algo, args, net_args)
-        line = row("lycoris_kohya " + label, ours, mem)
-        if have_lycoris:
-            theirs, their_mem = measure("lycoris", algo, args, net_args)
-            line += (f"   {ours / theirs:5.2f}, {mem / their_mem:5.2f}"
-                     f"   (lycoris-lora: {theirs:.4f} s, {their_mem:.0f} MiB)")
-        print(line, flush=True)
+    print(f"# {args.shape} U-Net, batch {args.batch}, rank {args.dim}, alpha {args.alpha:g}, {args.threads} threads, "
+          f"device {args.device}; median of {args.steps} steps after {args.warmup} warm-up; "
+          f"lycoris-lora: {'yes' if have_lycoris else 'no'}; kohya networks.lora: {'yes' if have_kohya else 'no'}")
+    for latent in (int(v) for v in args.latent.split(",")):
+        floor0, floor_mem, _, err = measure("floor", None, args, latent)
+        if err:
+            raise SystemExit(f"floor failed: {err}")
+        print(f"\n## latent {latent}: floor {floor0:.3f} s/step, {floor_mem:.0f} {unit}\n")
+        print(f"| network | modules | s/step | x floor | x lycoris (time above floor) | peak {unit} | x kohya mem | x lycoris mem |")
+        print("|---|---|---|---|---|---|---|---|")
+        kohya_mem = {}
+        lines = []
+        for config in rows:
+            _, lyc_ok, kohya_ok = CONFIGS[config]
+            results = {"ours": measure("ours", config, args, latent)}
+            if have_kohya and kohya_ok:
+                results["kohya"] = measure("kohya", config, args, latent)
+            if have_lycoris and lyc_ok:
+                results["lycoris"] = measure("lycoris", config, args, latent)
+            lines.append((config, results))
+            for kind in ("kohya", "ours", "lycoris"):
+                if kind not in results:
+                    continue
+                t, mem, modules, err = results[kind]
+                label = {"ours": "lycoris_kohya", "kohya": "networks.lora", "lycoris": "lycoris-lora"}[kind]
+                if err:
+                    print(f"| {label} {config} | – | failed: {err[:80]} | | | | | |", flush=True)
+                    continue
+                over = ""
+                if kind == "ours" and "lycoris" in results and results["lycoris"][0]:
+                    over = f"{(t - floor0) / max(results['lycoris'][0] - floor0, 1e-9):.2f}"
+                km = f"{mem / results['kohya'][1]:.2f}" if "kohya" in results and results["kohya"][1] else ""
+                lm = f"{mem / results['lycoris'][1]:.2f}" if kind == "ours" and "lycoris" in results and results["lycoris"][1] else ""
+                print(f"| {label} {config} | {modules} | {t:.3f} | {t / floor0:.2f} | {over} | {mem:.0f} | {km} | {lm} |",
+                      flush=True)
+        floor1, floor_mem1, _, _ = measure("floor", None, args, latent)
+        print(f"\nfloor at the end: {floor1:.3f} s/step ({floor1 / floor0:.2f} of the start), {floor_mem1:.0f} {unit}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from torch import nn
 import lycoris_kohya
 
 from conftest import randomize
+from oracle import apply_layer, cp, reference_delta  # noqa: F401  (re-exported for other tests)
 
 
 class Transformer2DModel(nn.Module):  # the class name is what the default targets look for
@@ -36,62 +37,6 @@ INPUTS = {
     "lin": lambda: torch.randn(3, 5, 64), "lin_odd": lambda: torch.randn(4, 30), "pw": lambda: torch.randn(2, 32, 6, 6),
     "conv": lambda: torch.randn(2, 32, 6, 6), "conv_s2": lambda: torch.randn(2, 16, 7, 7),
 }
-
-
-# ----- independent closed forms (SPEC section 3) ------------------------------------------------
-def cp(t, a, b):
-    """W[o,i,h,w] = sum_pq t[p,q,h,w] a[p,o] b[q,i], written as loops over the core."""
-    r1, r2, kh, kw = t.shape
-    out = torch.zeros(a.shape[1], b.shape[1], kh, kw)
-    for p in range(r1):
-        for q in range(r2):
-            out += torch.outer(a[p], b[q])[:, :, None, None] * t[p, q]
-    return out
-
-
-def reference_delta(sd, name, shape):
-    """(g, dW) from the stored tensors of one module."""
-    t = {k[len(name) + 1:]: v.float() for k, v in sd.items() if k.startswith(name + ".")}
-    alpha = float(t["alpha"]) if "alpha" in t else None
-    if "lora_down.weight" in t:
-        up, down = t["lora_up.weight"], t["lora_down.weight"]
-        r = down.shape[0]
-        if "lora_mid.weight" in t:
-            dw = cp(t["lora_mid.weight"], up.flatten(1).T, down.flatten(1))
-        else:
-            dw = (up.flatten(1) @ down.flatten(1)).reshape(shape)
-    elif "hada_w1_a" in t:
-        r = t["hada_w1_b"].shape[0]
-        if "hada_t1" in t:
-            dw = cp(t["hada_t1"], t["hada_w1_a"], t["hada_w1_b"]) * cp(t["hada_t2"], t["hada_w2_a"], t["hada_w2_b"])
-        else:
-            dw = ((t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])).reshape(shape)
-    else:
-        r = None
-        w1 = t["lokr_w1"] if "lokr_w1" in t else t["lokr_w1_a"] @ t["lokr_w1_b"]
-        if "lokr_w1_b" in t:
-            r = t["lokr_w1_b"].shape[0]
-        a, c = w1.shape
-        b, d = shape[0] // a, shape[1] // c
-        if "lokr_w2" in t:
-            w2 = t["lokr_w2"]
-        elif "lokr_t2" in t:
-            w2 = cp(t["lokr_t2"], t["lokr_w2_a"], t["lokr_w2_b"])
-            r = t["lokr_w2_b"].shape[0]
-        else:
-            w2 = (t["lokr_w2_a"] @ t["lokr_w2_b"]).reshape(b, d, *shape[2:])
-            r = t["lokr_w2_b"].shape[0]
-        w2 = w2.reshape(b, d, -1)
-        # kron written out: dW[i*b+j, k*d+l] = w1[i,k] * w2[j,l]
-        dw = torch.einsum("ik,jls->ijkls", w1, w2).reshape(a * b, c * d, *shape[2:])
-    g = 1.0 if (alpha is None or r is None) else alpha / r
-    return g, dw.reshape(shape)
-
-
-def apply_layer(layer, w, x):
-    if isinstance(layer, nn.Conv2d):
-        return F.conv2d(x, w, layer.bias, layer.stride, layer.padding)
-    return F.linear(x, w, layer.bias)
 
 
 LAYOUTS = {

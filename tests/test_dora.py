@@ -10,40 +10,8 @@ import lycoris_kohya
 from lycoris_kohya.config import ConfigError
 
 from conftest import randomize
-from test_algorithms import INPUTS, ToyUNet, apply_layer, reference_delta
-
-
-def column_norm(w):
-    """||.|| per input column: over the output and kernel dims -> [1, in, (1, 1)]."""
-    per_in = w.transpose(0, 1).reshape(w.shape[1], -1).norm(dim=1)
-    return per_in.reshape(1, w.shape[1], *([1] * (w.dim() - 2)))
-
-
-def row_norm(w):
-    """||.|| per output row -> [out, 1, (1, 1)]."""
-    return w.reshape(w.shape[0], -1).norm(dim=1).reshape(w.shape[0], *([1] * (w.dim() - 1)))
-
-
-def trained_weight(w0, g, dw, scale, m, axis):
-    v = w0 + g * dw
-    n = column_norm(v) if axis == "input" else row_norm(v)
-    return w0 + m * (v * scale / n - w0)
-
-
-# clean-room re-statements of what the UIs compute from a file (SPEC section 3, not their code)
-def comfyui_weight(w0, g, dw, scale, m):
-    v = w0 + g * dw
-    if scale.shape[0] == 1:  # input axis: norm of V per input column
-        wd = v * (scale / column_norm(v))
-    else:  # output axis: ComfyUI divides by ||W0|| instead of ||V||
-        wd = v * (scale / row_norm(w0))
-    return w0 + m * (wd - w0)
-
-
-def a1111_weight(w0, g, dw, scale, m):
-    v = w0 + g * dw
-    assert scale.shape[0] == 1, "A1111 only implements the input axis"
-    return w0 + m * (v * scale / column_norm(v) - w0)
+from oracle import a1111_weight, apply_layer, column_norm, comfyui_weight, reference_delta, row_norm, trained_weight
+from test_algorithms import INPUTS, ToyUNet
 
 
 ALGOS = {"locon": {"algo": "locon"}, "locon_tucker": {"algo": "locon", "use_tucker": "true"},

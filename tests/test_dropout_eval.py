@@ -12,8 +12,6 @@ ALGOS = {"locon": {"algo": "locon"}, "locon_tucker": {"algo": "locon", "use_tuck
          "loha": {"algo": "loha"}, "lokr": {"algo": "lokr"},
          "locon_dora": {"algo": "locon", "dora_wd": "true"}, "loha_dora": {"algo": "loha", "dora_wd": "true"},
          "lokr_dora": {"algo": "lokr", "dora_wd": "true"}}
-# a known defect of the forward (algos/, being rewritten): LoHa/LoKr with DoRA ignore neuron dropout in training
-IGNORES_NEURON_DROPOUT = {("loha_dora", "neuron"), ("lokr_dora", "neuron")}
 DROPOUTS = {"neuron": {"dropout": "0.5"}, "rank": {"rank_dropout": "0.5"}, "module": {"module_dropout": "0.5"},
             "all": {"dropout": "0.5", "rank_dropout": "0.5", "module_dropout": "0.5"}}
 
@@ -51,6 +49,4 @@ def test_eval_is_deterministic_and_dropout_free(algo, drop):
     with torch.no_grad():
         outs = [unet.block.lin(x) for _ in range(6)]
     varies = any(not torch.equal(o, outs[0]) for o in outs[1:])
-    if not varies and (algo, drop) in IGNORES_NEURON_DROPOUT:
-        pytest.xfail("LoHa/LoKr + DoRA: the forward ignores neuron dropout in training (algos/ defect)")
     assert varies, (algo, drop)

@@ -1,5 +1,5 @@
-"""The algorithms, by name. Each entry pairs an Adapter class with its math module
-(``SUFFIXES``, ``delta(tensors, weight_shape)``, ``layout(tensors, geometry)``)."""
+"""The algorithms, by name. Each entry pairs an Adapter class with its math module (``SUFFIXES``,
+``delta``, ``layout``, ``apply``, ``costs``, ``norm_sq``, ``dora_terms``, ``components``)."""
 from __future__ import annotations
 
 from types import ModuleType
@@ -18,6 +18,8 @@ ALGORITHMS: Dict[str, Tuple[Type[Adapter], ModuleType]] = {
     "loha": (LoHaAdapter, loha),
     "lokr": (LoKrAdapter, lokr),
 }
+for _cls, _math in ALGORITHMS.values():
+    _cls.math = _math
 
 ALPHA = "alpha"
 DORA_SCALE = "dora_scale"

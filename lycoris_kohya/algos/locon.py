@@ -4,16 +4,17 @@ Stored tensors (LyCORIS / kohya format):
   Linear          lora_down.weight [r, in]           lora_up.weight [out, r]
   Conv            lora_down.weight [r, in, kh, kw]    lora_up.weight [out, r, 1, 1]
   Conv (Tucker)   lora_down.weight [r, in, 1, 1]      lora_mid.weight [r, r, kh, kw]   lora_up.weight [out, r, 1, 1]
+
+Rank components (what rank_dropout drops): the r columns of ``lora_up``.
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dora as dora_math
 from .base import Adapter, LayerGeometry, kaiming
 
 DOWN, UP, MID = "lora_down.weight", "lora_up.weight", "lora_mid.weight"
@@ -52,6 +53,70 @@ def layout(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Dict[str, object]
     return {"rank": r, "use_tucker": tucker}
 
 
+# ----- structured forms of the same map (tested against delta()) ------------------------------
+def components(t: Mapping[str, torch.Tensor]) -> Tuple[str, int]:
+    """(tensor, dim): the rank components are its slices along dim."""
+    return UP, 1
+
+
+def apply(t: Mapping[str, torch.Tensor], x: torch.Tensor, g: LayerGeometry, out_scale,
+          hidden: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
+    """out_scale * dW(x) = out_scale * up(mid(down(x))) without building dW, in x's dtype.
+    ``hidden(h, dim)`` sees the rank activation (components along ``dim``, samples along 0)."""
+    dt = x.dtype
+    down = t[DOWN].to(dt)
+    up = t[UP].to(dt) * out_scale
+    if not g.is_conv:
+        h = F.linear(x, down)
+        if hidden is not None:
+            h = hidden(h, h.dim() - 1)
+        return F.linear(h, up)
+    if MID in t:
+        h = F.conv2d(x, down)
+        h = F.conv2d(h, t[MID].to(dt), None, g.stride, g.padding, g.dilation)
+    else:
+        h = F.conv2d(x, down, None, g.stride, g.padding, g.dilation)
+    if hidden is not None:
+        h = hidden(h, 1)
+    return F.conv2d(h, up)
+
+
+def costs(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Tuple[int, int]:
+    """(multiply-adds per output position of apply(), multiply-adds to build dW densely)."""
+    r, k = t[DOWN].shape[0], g.kernel_area
+    if MID in t:
+        per = r * g.in_dim + r * r * k + r * g.out_dim
+        build = r * r * k * g.in_dim + g.out_dim * r * g.in_dim * k
+    else:
+        per = r * g.in_dim * k + r * g.out_dim
+        build = g.out_dim * r * g.in_dim * k
+    return per, build
+
+
+def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Optional[torch.Tensor]:
+    """||dW||_F^2 from r x r Gram matrices (||U D||^2 = sum((U^T U) * (D D^T))); None for Tucker."""
+    if MID in t:
+        return None
+    u, d = t[UP].flatten(1).float(), t[DOWN].flatten(1).float()
+    return ((u.T @ u) * (d @ d.T)).sum()
+
+
+def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(<W0, dW>, ||dW||^2) per column of the flattened [out, in*k] weight (input axis) or per row
+    (output axis), from W0^T U / W0 D^T and the r x r Gram matrices, without building dW."""
+    if MID in t:
+        return None
+    u, d = t[UP].flatten(1).float(), t[DOWN].flatten(1).float()  # [out, r], [r, in*k]
+    w = w0.flatten(1).float()
+    if axis == "input":
+        inner = ((w.T @ u) * d.T).sum(1)
+        sq = ((u.T @ u @ d) * d).sum(0)
+    else:
+        inner = ((w @ d.T) * u).sum(1)
+        sq = ((u @ (d @ d.T)) * u).sum(1)
+    return inner, sq
+
+
 # ----- the trainable adapter -----------------------------------------------------------------
 class _Weight(nn.Module):
     """Holds one tensor as ``.weight`` so the state dict key is ``lora_down.weight`` etc."""
@@ -63,7 +128,6 @@ class _Weight(nn.Module):
 
 class LoConAdapter(Adapter):
     algo = "locon"
-    delta_fn = staticmethod(delta)
     plus_suffixes = (UP,)
     zero_init = UP
 
@@ -92,82 +156,3 @@ class LoConAdapter(Adapter):
         if self.lora_mid is not None:
             t[MID] = self.lora_mid.weight
         return t
-
-    def delta_norm(self) -> float:
-        """||g * up @ down||_F from the r x r Gram matrices, without building dW:
-        ||U D||^2 = sum((U^T U) * (D D^T))."""
-        if self.lora_mid is not None:
-            return super().delta_norm()
-        u = self.lora_up.weight.detach().flatten(1).double()
-        d = self.lora_down.weight.detach().flatten(1).double()
-        sq = float(((u.T @ u) * (d @ d.T)).sum().clamp_min(0.0))
-        s = self.scale * (1.0 if self.scalar is None else float(self.scalar))
-        return abs(s) * sq ** 0.5
-
-    def training_delta(self) -> torch.Tensor:
-        # rank dropout in weight space (used by DoRA): drop whole rank components
-        if not (self.training and self.rank_dropout is not None):
-            return self.delta()
-        keep = (torch.rand(self._rank, device=self.lora_up.weight.device) > self.rank_dropout)
-        t = dict(self.tensors())
-        t[UP] = t[UP] * keep.to(t[UP].dtype).view(1, -1, *([1] * (t[UP].dim() - 2))) / (1.0 - self.rank_dropout)
-        return self.delta(t)
-
-    def lowrank(self, x: torch.Tensor) -> torch.Tensor:
-        """g * up(mid(down(x))), with the training dropouts: the delta's output without ever
-        building dW."""
-        g = self.geometry
-        dt = x.dtype
-        down = self.lora_down.weight.to(dt)
-        if not g.is_conv:
-            h = F.linear(x, down)
-        elif self.use_tucker:
-            h = F.conv2d(x, down)
-            h = F.conv2d(h, self.lora_mid.weight.to(dt), None, g.stride, g.padding, g.dilation)
-        else:
-            h = F.conv2d(x, down, None, g.stride, g.padding, g.dilation)
-
-        scale = self.scale
-        if self.training:
-            if self.dropout is not None:
-                h = F.dropout(h, p=self.dropout)
-            if self.rank_dropout is not None:
-                # one mask per sample and rank, as kohya's networks.lora does
-                shape = (h.shape[0], self._rank, 1, 1) if g.is_conv else (h.shape[0], *([1] * (h.dim() - 2)), self._rank)
-                mask = (torch.rand(shape, device=h.device) > self.rank_dropout).to(h.dtype)
-                h = h * mask
-                scale = scale / (1.0 - self.rank_dropout)
-
-        up = self.lora_up.weight.to(dt)
-        out = F.conv2d(h, up) if g.is_conv else F.linear(h, up)
-        if self.scalar is not None:
-            out = out * self.scalar.to(dt)
-        return out * scale
-
-    def fast_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """y = base(x) + m * g * up(mid(down(x))): the low-rank path beside the base layer."""
-        return self.base_forward(x) + self.multiplier * self.lowrank(x)
-
-    def dora_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """DoRA from the base layer's own output, with no second full-size op.
-
-        s = magnitude / ||W0 + g*dW|| (computed once, in fp32). Input axis (m = 1): scaling input
-        columns commutes with the layer, so y = base(s*x) + g*dW(s*x). Output axis (any m):
-        y = base(x) + m * ((s - 1) * (base(x) - bias) + s * g*dW(x)). Other cases (input axis at
-        0 < m < 1, rank dropout, which acts on the weight here) use the merged weight."""
-        axis = self.dora_axis
-        if (self.training and self.rank_dropout is not None) or (axis == dora_math.INPUT and self.multiplier != 1):
-            return super().dora_forward(x)
-        w0 = self.layer.weight
-        s = dora_math.direction_factor(w0.float(), self.delta().float(), self.dora_scale.float(), axis,
-                                       detach_norm=self.dora_detach_norm)
-        g = self.geometry
-        if axis == dora_math.INPUT:
-            s = s.reshape(1, -1, 1, 1) if g.is_conv else s.reshape(-1)
-            xs = x * s.to(x.dtype)
-            return self.base_forward(xs) + self.lowrank(xs)
-        s = (s.reshape(1, -1, 1, 1) if g.is_conv else s.reshape(-1)).to(x.dtype)
-        y = self.base_forward(x)
-        bias = self.layer.bias
-        y0 = y if bias is None else y - (bias.reshape(1, -1, 1, 1) if g.is_conv else bias).to(y.dtype)
-        return y + self.multiplier * ((s - 1) * y0 + s * self.lowrank(x))

@@ -6,12 +6,18 @@ Stored tensors:
   Linear / Conv     hada_w1_a, hada_w2_a [out, r]     hada_w1_b, hada_w2_b [r, in*kh*kw]
   Conv (Tucker)     hada_w1_a, hada_w2_a [r, out]     hada_w1_b, hada_w2_b [r, in]
                     hada_t1, hada_t2 [r, r, kh, kw]   W_i[o,c,h,w] = sum_pq t_i[p,q,h,w] a_i[p,o] b_i[q,c]
+
+Structured form: (A1 B1) * (A2 B2) = KA @ KB with KA[:, i*r2+j] = A1[:, i] * A2[:, j] and
+KB[i*r2+j, :] = B1[i, :] * B2[j, :] (row-wise Khatri-Rao products), a low-rank map of rank r1*r2.
+With Tucker the same holds mode by mode: the core is the Kronecker product of t1 and t2.
+Rank components (what rank_dropout drops): the rows of ``hada_w2_b`` (index j above).
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Adapter, LayerGeometry
@@ -43,21 +49,93 @@ def layout(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Dict[str, object]
     if tucker:
         if not g.is_kxk:
             raise ValueError("hada_t1/hada_t2 (Tucker) only fit kxk convolutions")
-        want = {W1A: (r, g.out_dim), W2A: (r, g.out_dim), W1B: (r, g.in_dim), W2B: (r, g.in_dim),
-                T1: (r, r, *g.kernel), T2: (r, r, *g.kernel)}
+        r2 = t[W2B].shape[0]
+        want = {W1A: (r, g.out_dim), W2A: (r2, g.out_dim), W1B: (r, g.in_dim), W2B: (r2, g.in_dim),
+                T1: (r, r, *g.kernel), T2: (r2, r2, *g.kernel)}
     else:
-        flat_in = g.in_dim * (g.kernel[0] * g.kernel[1] if g.is_conv else 1)
-        want = {W1A: (g.out_dim, r), W2A: (g.out_dim, r), W1B: (r, flat_in), W2B: (r, flat_in)}
+        flat_in = g.in_dim * g.kernel_area
+        r2 = t[W2B].shape[0]
+        want = {W1A: (g.out_dim, r), W2A: (g.out_dim, r2), W1B: (r, flat_in), W2B: (r2, flat_in)}
     for k, shape in want.items():
         if tuple(t[k].shape) != shape:
             raise ValueError(f"{k} has shape {list(t[k].shape)}, the layer needs {list(shape)}")
     return {"rank": r, "use_tucker": tucker}
 
 
+# ----- structured forms of the same map (tested against delta()) ------------------------------
+def components(t: Mapping[str, torch.Tensor]) -> Tuple[str, int]:
+    """(tensor, dim): the rank components are its slices along dim."""
+    return W2B, 0
+
+
+def khatri_rao(t: Mapping[str, torch.Tensor], dtype=None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(KA, KB, core): dW = KA @ KB (flattened) or, with Tucker, the CP form with the Kronecker core.
+    Non-Tucker: KA [out, r1*r2], KB [r1*r2, in*k]. Tucker: KA [r1*r2, out], KB [r1*r2, in],
+    core [r1*r2, r1*r2, kh, kw]."""
+    a1, b1, a2, b2 = (t[k] if dtype is None else t[k].to(dtype) for k in (W1A, W1B, W2A, W2B))
+    if T1 not in t:
+        ka = (a1[:, :, None] * a2[:, None, :]).flatten(1)
+        kb = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)
+        return ka, kb, None
+    t1, t2 = (t[k] if dtype is None else t[k].to(dtype) for k in (T1, T2))
+    ka = (a1[:, None, :] * a2[None, :, :]).flatten(0, 1)
+    kb = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)
+    r1, r2 = t1.shape[0], t2.shape[0]
+    core = (t1[:, None, :, None] * t2[None, :, None, :]).reshape(r1 * r2, r1 * r2, *t1.shape[2:])
+    return ka, kb, core
+
+
+def apply(t: Mapping[str, torch.Tensor], x: torch.Tensor, g: LayerGeometry, out_scale,
+          hidden: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
+    """out_scale * dW(x) as a rank-r1*r2 path, without building dW. ``hidden(h, dim)`` sees the
+    rank activation viewed with the components (rows of hada_w2_b) along ``dim``."""
+    ka, kb, core = khatri_rao(t, x.dtype)
+    r1, r2 = t[W1B].shape[0], t[W2B].shape[0]
+    if not g.is_conv:
+        h = F.linear(x, kb)
+        if hidden is not None:
+            h = hidden(h.unflatten(-1, (r1, r2)), h.dim()).flatten(-2)
+        return F.linear(h, ka * out_scale)
+    if core is None:
+        h = F.conv2d(x, kb.reshape(r1 * r2, g.in_dim, *g.kernel), None, g.stride, g.padding, g.dilation)
+        if hidden is not None:
+            h = hidden(h.unflatten(1, (r1, r2)), 2).flatten(1, 2)
+        return F.conv2d(h, (ka * out_scale)[:, :, None, None])
+    h = F.conv2d(x, kb[:, :, None, None])  # channels (q1, q2): q2 indexes the rows of hada_w2_b
+    if hidden is not None:
+        h = hidden(h.unflatten(1, (r1, r2)), 2).flatten(1, 2)
+    h = F.conv2d(h, core, None, g.stride, g.padding, g.dilation)
+    return F.conv2d(h, (ka.T * out_scale)[:, :, None, None])
+
+
+def costs(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Tuple[int, int]:
+    """(multiply-adds per output position of apply(), multiply-adds to build dW densely)."""
+    r1, r2, k = t[W1B].shape[0], t[W2B].shape[0], g.kernel_area
+    big = r1 * r2
+    if T1 in t:
+        per = big * g.in_dim + big * big * k + big * g.out_dim
+        build = 2 * (r1 * r1 * k * g.in_dim + g.out_dim * r1 * g.in_dim * k) + g.out_dim * g.in_dim * k
+    else:
+        per = big * g.in_dim * k + big * g.out_dim
+        build = (r1 + r2) * g.out_dim * g.in_dim * k + g.out_dim * g.in_dim * k
+    return per, build
+
+
+def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Optional[torch.Tensor]:
+    """||dW||_F^2 = sum((KA^T KA) * (KB KB^T)) from R x R Gram matrices (R = r1*r2); None for Tucker."""
+    if T1 in t:
+        return None
+    ka, kb, _ = khatri_rao({k: v.float() for k, v in t.items()})
+    return ((ka.T @ ka) * (kb @ kb.T)).sum()
+
+
+def dora_terms(t, w0, axis):
+    return None  # building dW densely (checkpointed) is cheaper than W0^T KA at rank r^2
+
+
 # ----- the trainable adapter -----------------------------------------------------------------
 class LoHaAdapter(Adapter):
     algo = "loha"
-    delta_fn = staticmethod(delta)
     plus_suffixes = (W1A, W2A)
     zero_init = W2A  # starts at zero so dW = 0; with use_scalar the scalar starts at zero instead
 
@@ -72,8 +150,7 @@ class LoHaAdapter(Adapter):
             self.hada_t1 = nn.Parameter(torch.randn(rank, rank, *g.kernel) * 0.1)
             self.hada_t2 = nn.Parameter(torch.randn(rank, rank, *g.kernel) * 0.1)
         else:
-            flat_in = g.in_dim * (g.kernel[0] * g.kernel[1] if g.is_conv else 1)
-            a_shape, b_shape = (g.out_dim, rank), (rank, flat_in)
+            a_shape, b_shape = (g.out_dim, rank), (rank, g.in_dim * g.kernel_area)
             self.hada_t1 = self.hada_t2 = None
         # LyCORIS' initialisation: one half starts at zero (or the scalar does)
         self.hada_w1_a = nn.Parameter(torch.randn(a_shape) * 0.1)

@@ -5,17 +5,23 @@
     w2 = lokr_w2, or lokr_w2_a [b,r] @ lokr_w2_b [r,d*kh*kw] (reshaped),
          or with Tucker: W2[b,d,h,w] = sum_pq lokr_t2[p,q,h,w] lokr_w2_a[p,b] lokr_w2_b[q,d]
     r (for alpha/r) = rank of w2_b if w2 is factorised, else of w1_b; both factors full: alpha is ignored (g = 1)
+
+Structured form (no Kronecker product built): with x viewed as X [c, d] per position,
+kron(W1, W2) x = W1 X W2^T flattened row-major ([a, b] -> a*b outputs); for convs the d-channel
+groups are convolved with w2 as a batch of c images, then mixed by W1.
+Rank components (what rank_dropout drops): the rows of lokr_w2_b, or of lokr_w2 when it is full.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .base import Adapter, LayerGeometry, kaiming
+from .base import Adapter, LayerGeometry, alpha_scale, kaiming
 
 W1, W1A, W1B = "lokr_w1", "lokr_w1_a", "lokr_w1_b"
 W2, W2A, W2B, T2 = "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"
@@ -120,10 +126,106 @@ def layout(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Dict[str, object]
     return {"rank": rank, "layout": lay, "use_alpha": lay.use_alpha}
 
 
+# ----- structured forms of the same map (tested against delta()) ------------------------------
+def components(t: Mapping[str, torch.Tensor]) -> Tuple[str, int]:
+    """(tensor, dim): the rank components are its slices along dim."""
+    return (W2B, 0) if W2B in t else (W2, 0)
+
+
+def _dims(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Tuple[int, int, int, int]:
+    a, c = (t[W1A].shape[0], t[W1B].shape[1]) if W1 not in t else tuple(t[W1].shape)
+    return a, g.out_dim // a, c, g.in_dim // c
+
+
+def apply(t: Mapping[str, torch.Tensor], x: torch.Tensor, g: LayerGeometry, out_scale,
+          hidden: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
+    """out_scale * kron(w1, w2)(x) without building the Kronecker product, in x's dtype.
+    ``hidden(h, dim)`` sees w2's output (or its rank activation) with the components along dim."""
+    dt = x.dtype
+    a, b, c, d = _dims(t, g)
+    w1 = (t[W1] if W1 in t else t[W1A] @ t[W1B]).to(dt) * out_scale
+    if not g.is_conv:
+        h = x.unflatten(-1, (c, d))  # [..., c, d]
+        if W2 in t:
+            h = F.linear(h, t[W2].to(dt))  # [..., c, b]
+            if hidden is not None:
+                h = hidden(h, h.dim() - 1)
+        else:
+            h = F.linear(h, t[W2B].to(dt))  # [..., c, r]
+            if hidden is not None:
+                h = hidden(h, h.dim() - 1)
+            h = F.linear(h, t[W2A].to(dt))
+        return torch.matmul(w1, h).flatten(-2)  # [..., a, b] -> a*b
+    n = x.shape[0]
+    h = x.reshape(n * c, d, *x.shape[2:])
+    if W2 in t:
+        h = F.conv2d(h, t[W2].to(dt), None, g.stride, g.padding, g.dilation)
+        comp = 1
+    elif T2 in t:
+        h = F.conv2d(h, t[W2B].to(dt)[:, :, None, None])
+        comp = 1
+    else:
+        r = t[W2B].shape[0]
+        h = F.conv2d(h, t[W2B].to(dt).reshape(r, d, *g.kernel), None, g.stride, g.padding, g.dilation)
+        comp = 1
+    if hidden is not None:
+        h = hidden(h.unflatten(0, (n, c)), comp + 1).flatten(0, 1)
+    if T2 in t:
+        h = F.conv2d(h, t[T2].to(dt), None, g.stride, g.padding, g.dilation)
+        h = F.conv2d(h, t[W2A].to(dt).T[:, :, None, None])
+    elif W2 not in t:
+        h = F.conv2d(h, t[W2A].to(dt)[:, :, None, None])
+    hw = h.shape[2:]
+    y = torch.matmul(w1, h.reshape(n, c, -1))  # [n, a, b*h*w]
+    return y.reshape(n, a * b, *hw)
+
+
+def costs(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Tuple[int, int]:
+    """(multiply-adds per output position of apply(), multiply-adds to build dW densely)."""
+    a, b, c, d = _dims(t, g)
+    k = g.kernel_area
+    if W2 in t:
+        w2_per, w2_build = b * d * k, 0
+    elif T2 in t:
+        r = t[W2B].shape[0]
+        w2_per, w2_build = r * d + r * r * k + r * b, r * r * k * d + b * r * d * k
+    else:
+        r = t[W2B].shape[0]
+        w2_per, w2_build = r * d * k + r * b, b * r * d * k
+    return c * w2_per + a * c * b, g.out_dim * g.in_dim * k + w2_build
+
+
+def _w2_dense(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
+    _, b, _, d = _dims(t, g)
+    return _w2(t, g.weight_shape, b, d).reshape(b, d, -1)
+
+
+def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
+    """||kron(w1, w2)||_F^2 = ||w1||^2 ||w2||^2."""
+    t = {k: v.float() for k, v in t.items()}
+    return _w1(t).pow(2).sum() * _w2_dense(t, g).pow(2).sum()
+
+
+def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(<W0, dW>, ||dW||^2) per column of the flattened [out, in*k] weight (input axis) or per row
+    (output axis), with one pass over W0 and no Kronecker product."""
+    t = {k: v.float() for k, v in t.items()}
+    g = LayerGeometry(w0.shape[0], w0.shape[1], tuple(w0.shape[2:]))
+    a, b, c, d = _dims(t, g)
+    w1, w2 = _w1(t), _w2_dense(t, g)  # [a, c], [b, d, k]
+    w0r = w0.float().reshape(a, b, c, d, -1)
+    if axis == "input":
+        inner = torch.einsum("pqikx,pi,qkx->ikx", w0r, w1, w2).reshape(-1)
+        sq = (w1.pow(2).sum(0)[:, None, None] * w2.pow(2).sum(0)[None]).reshape(-1)
+    else:
+        inner = torch.einsum("pqikx,pi,qkx->pq", w0r, w1, w2).reshape(-1)
+        sq = (w1.pow(2).sum(1)[:, None] * w2.pow(2).sum((1, 2))[None]).reshape(-1)
+    return inner, sq
+
+
 # ----- the trainable adapter -----------------------------------------------------------------
 class LoKrAdapter(Adapter):
     algo = "lokr"
-    delta_fn = staticmethod(delta)
     plus_suffixes = (W2, W2A)  # the large factor's output side
 
     def __init__(self, name: str, layer: nn.Module, rank: int, alpha: float, layout: Optional[LoKrLayout] = None,
@@ -155,7 +257,7 @@ class LoKrAdapter(Adapter):
                 self.lokr_t2 = nn.Parameter(kaiming(torch.empty(r, r, *k)))
                 a_shape, b_shape = (r, lay.b), (r, lay.d)
             else:
-                a_shape, b_shape = (lay.b, r), (r, lay.d * (k[0] * k[1] if k else 1))
+                a_shape, b_shape = (lay.b, r), (r, lay.d * g.kernel_area)
             self.lokr_w2_a = nn.Parameter(kaiming(torch.empty(a_shape)))
             w2b = torch.empty(b_shape)
             self.lokr_w2_b = nn.Parameter(kaiming(w2b) if use_scalar else w2b.zero_())
@@ -168,7 +270,7 @@ class LoKrAdapter(Adapter):
     @property
     def scale(self) -> float:
         # both factors full: alpha is ignored, as every reader does
-        return super().scale if self.layout.use_alpha else 1.0
+        return alpha_scale(self._alpha_value, self.rank) if self.layout.use_alpha else 1.0
 
     def tensors(self) -> Dict[str, torch.Tensor]:
         return {n: getattr(self, n) for n in self._names}
