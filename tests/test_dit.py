@@ -205,11 +205,13 @@ ALGOS = {
     "lokr_full": {"algo": "lokr", "full_matrix": "true"}, "locon_dora": {"algo": "locon", "dora_wd": "true"},
     "loha_dora_out": {"algo": "loha", "dora_wd": "true", "wd_on_output": "true"},
     "lokr_dora": {"algo": "lokr", "dora_wd": "true"},
+    "loha_scalar": {"algo": "loha", "use_scalar": "true"}, "lokr_unbalanced": {"algo": "lokr", "unbalanced_factorization": "true"},
+    "locon_rs": {"algo": "locon", "rs_lora": "true"},
 }
 
 
-def trained_flux(variant, seed=0, **extra):
-    net = make(flux_models(), train_t5xxl="True", **ALGOS[variant], **extra)
+def trained(models, variant, seed=0, **extra):
+    net = make(models, train_t5xxl="True", **ALGOS[variant], **extra)
     randomize(net, seed=seed, std=0.05)
     with torch.no_grad():
         for a in net.loras:
@@ -220,13 +222,13 @@ def trained_flux(variant, seed=0, **extra):
     return net
 
 
-def by_key(tes, dit):
+def by_key(tes, dit, te_prefixes):
     """key -> layer of fresh models, by sd-scripts' rule (CLIP paths spelled as transformers 4 does)."""
     out = {}
-    for prefix, model in (("lora_te1", tes[0]), ("lora_te3", tes[1]), ("lora_unet", dit)):
+    for prefix, model in list(zip(te_prefixes, tes)) + [("lora_unet", dit)]:
         for path, m in model.named_modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                if prefix == "lora_te1" and not path.startswith("text_model."):
+                if type(model).__name__.startswith("CLIP") and not path.startswith("text_model."):
                     path = "text_model." + path  # transformers 5
                 out[prefix + "_" + path.replace(".", "_")] = m
     return out
@@ -240,16 +242,22 @@ def expected_weight(sd, name, w0, m):
     return trained_weight(w0, g, dw, sd[name + ".dora_scale"], m, axis)
 
 
-@pytest.mark.parametrize("variant", list(ALGOS))
-def test_save_reload_and_merge_on_flux(variant, tmp_path):
-    net = trained_flux(variant)
+FAMILY_TES = {"flux": ("lora_te1", "lora_te3"), "sd3": ("lora_te1", "lora_te2", "lora_te3")}
+CASES = [("flux", v, {}) for v in ALGOS] + [("sd3", v, {"preset": "full", "conv_dim": "2"})
+                                           for v in ("locon", "loha_dora_out", "lokr_dora")]
+
+
+@pytest.mark.parametrize("family,variant,extra", CASES, ids=[f"{f}-{v}" for f, v, _ in CASES])
+def test_save_reload_resume_and_merge(family, variant, extra, tmp_path):
+    """On Flux every algorithm and DoRA axis; on SD3 also its 2x2-conv patch embedder (preset full)."""
+    net = trained(MODELS[family](), variant, **extra)
     path = str(tmp_path / "f.safetensors")
-    net.save_weights(path, torch.float32, {"ss_base_model_version": "flux1"})
+    net.save_weights(path, torch.float32, {"ss_base_model_version": family})
     sd = load_file(path)
     assert {k.split(".")[0] for k in sd} == names(net)
 
     # create_network_from_weights: same layouts, same deltas, T5 found in the file
-    tes, dit = flux_models()
+    tes, dit = MODELS[family]()
     loaded, _ = lycoris_kohya.create_network_from_weights(1.0, path, None, tes, dit)
     assert loaded.train_t5xxl is True and names(loaded) == names(net)
     for a, b in zip(net.loras, loaded.loras):
@@ -257,13 +265,14 @@ def test_save_reload_and_merge_on_flux(variant, tmp_path):
         assert torch.allclose(a.delta(), b.delta(), atol=1e-6)
 
     # resume: a fresh network of the same options takes the file (load_weights)
-    resumed = make(flux_models(), train_t5xxl="True", **ALGOS[variant])
+    resumed = make(MODELS[family](), train_t5xxl="True", **ALGOS[variant], **extra)
     resumed.load_weights(path)
-    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in resumed.state_dict().items())
+    for a, b in zip(resumed.loras, loaded.loras):  # (use_scalar: the file holds it folded in; it resumes at 1)
+        assert a.lora_name == b.lora_name and torch.allclose(a.delta(), b.delta(), atol=1e-6)
 
     # merge_to at 0.5 on fresh models: W0 + 0.5*g*dW, or the DoRA formula, for every kind of layer
-    tes, dit = flux_models()
-    layers = by_key(tes, dit)
+    tes, dit = MODELS[family]()
+    layers = by_key(tes, dit, FAMILY_TES[family])
     before = {k: layer.weight.detach().clone() for k, layer in layers.items()}
     merger, weights_sd = lycoris_kohya.create_network_from_weights(0.5, path, None, tes, dit, for_inference=True)
     merger.merge_to(tes, dit, weights_sd, torch.float32, "cpu")
@@ -272,6 +281,8 @@ def test_save_reload_and_merge_on_flux(variant, tmp_path):
         assert torch.allclose(layers[name].weight, want, atol=1e-5), (variant, name)
     untouched = set(layers) - names(net)
     assert untouched and all(torch.equal(layers[k].weight, before[k]) for k in untouched)
+    if family == "sd3":
+        assert "lora_unet_x_embedder_proj" in names(net) and {"lora_te2", "lora_te3"} <= {n[:8] for n in names(net)}
 
 
 @pytest.mark.parametrize("variant", ["locon", "loha_dora_out", "lokr_dora"])
@@ -304,7 +315,7 @@ def delta_norms(net):
 
 
 def test_max_norm_on_flux_bounds_every_module():
-    net = trained_flux("loha")
+    net = trained(flux_models(), "loha")
     norms = delta_norms(net)
     limit = sorted(norms.values())[len(norms) // 2]
     scaled, mean, mx = net.apply_max_norm_regularization(limit, "cpu")
