@@ -5,6 +5,8 @@ SD1/2: 25 blocks: 0 (IN00, conv_in: never adapted), 1-11 down (IN01-IN11, ``3*i 
 SDXL (sd-scripts' own UNet): 23 blocks: 0 time/label embedding, 1-9 ``input_blocks_{n}``,
 10-12 ``middle_block_{n}``, 13-21 ``output_blocks_{n}``, 22 ``out``.
 ``down_lr_weight`` / ``up_lr_weight`` have 12 (SDXL: 9) entries, ``mid_lr_weight`` 1 (SDXL: 3).
+DiT models (Flux, SD3, ...) have no down/mid/up blocks: these options are refused there (refuse_on_dit);
+a preset's ``name_algo_map`` / ``exclude_name`` set ranks per block path instead.
 """
 from __future__ import annotations
 
@@ -77,6 +79,20 @@ def lr_weights(cfg: NetworkConfig, is_sdxl: bool) -> Optional[List[float]]:
                + _fit("up_lr_weight", cfg.up_lr_weight, n_side))
     weights = [w if w > cfg.block_lr_zero_threshold else 0.0 for w in weights]
     return [1.0] + weights + [1.0] if is_sdxl else weights
+
+
+BLOCKWISE = ("block_dims", "block_alphas", "conv_block_dims", "conv_block_alphas", "down_lr_weight",
+             "mid_lr_weight", "up_lr_weight")
+
+
+def refuse_on_dit(cfg: NetworkConfig, family_title: str) -> None:
+    """U-Net block options mean nothing on a DiT: an error naming the option and what to use instead."""
+    for key in BLOCKWISE:
+        if getattr(cfg, key) is not None:
+            raise ConfigError(
+                f"network_arg {key} applies to the down/mid/up blocks of SD1/2 and SDXL U-Nets; {family_title} is a "
+                f"DiT without them. Set ranks per block path with a preset instead, e.g. "
+                f"[name_algo_map.\"double_blocks.1?.*\"] dim = 8, or leave blocks out with exclude_name")
 
 
 def check_lengths(cfg: NetworkConfig, is_sdxl: bool) -> None:

@@ -7,15 +7,23 @@ from typing import Optional
 
 from . import targets as tg
 from . import weights as wio
-from .config import parse_config
+from .config import parse_bool, parse_config
 from .network import LycorisNetwork
 
 logger = logging.getLogger(__name__)
 
 
+def _pop_train_t5xxl(kwargs) -> bool:
+    """sd-scripts' Flux/SD3 network_arg: T5-XXL gets adapters only when it is true. It decides what is
+    built, not how, so it is no option of the config (or of a preset)."""
+    return parse_bool("train_t5xxl", kwargs.pop("train_t5xxl", False))
+
+
 def create_network(multiplier, network_dim=None, network_alpha=None, vae=None, text_encoder=None, unet=None, /,
                    neuron_dropout=None, **kwargs):
-    """A new network. ``kwargs`` are sd-scripts' --network_args (strings) plus ``dropout``.
+    """A new network. ``text_encoder``: one module or the trainer's list (SDXL [CLIP-L, CLIP-G], Flux
+    [CLIP-L, T5-XXL], SD3 [CLIP-L, CLIP-G, T5-XXL], ...); ``unet``: the U-Net or DiT. ``kwargs`` are
+    sd-scripts' --network_args (strings) plus ``dropout``.
 
     The first six arguments are positional-only, as sd-scripts passes them: a network_arg named
     ``network_dim``/``network_alpha`` then reaches the config (which refuses it with a message)
@@ -24,17 +32,20 @@ def create_network(multiplier, network_dim=None, network_alpha=None, vae=None, t
     if misplaced:
         raise TypeError(f"create_network takes (multiplier, network_dim, network_alpha, vae, text_encoder, unet) "
                         f"positionally, as sd-scripts calls it; got {', '.join(misplaced)} by name")
+    train_t5xxl = _pop_train_t5xxl(kwargs)
     config = parse_config(network_dim, network_alpha, neuron_dropout, kwargs)
-    return LycorisNetwork(text_encoder, unet, config, multiplier=multiplier)
+    return LycorisNetwork(text_encoder, unet, config, multiplier=multiplier, train_t5xxl=train_t5xxl)
 
 
 def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
                                 **kwargs):
     """A network shaped like the file (algorithm, ranks, alphas, Tucker, DoRA axis inferred from
     tensor names and shapes alone), with the file's weights loaded. Returns (network, weights_sd).
-    ``kwargs`` (dropouts, LoRA+ ratios, ...) apply on top; layout options come from the file."""
+    ``kwargs`` (dropouts, LoRA+ ratios, ...) apply on top; layout options come from the file, and so does
+    train_t5xxl (T5-XXL keys present or not)."""
     if weights_sd is None:
         weights_sd = wio.load_state_dict(file)
+    _pop_train_t5xxl(kwargs)
     config = parse_config(None, None, None, kwargs)
     layers = tg.every_layer(text_encoder, unet)
     try:

@@ -17,7 +17,7 @@ from . import targets as tg
 from . import weights as wio
 from .algos import ALGORITHMS, Adapter
 from .algos.base import storable_alpha
-from .config import NetworkConfig, validate
+from .config import ConfigError, NetworkConfig, validate
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class LycorisNetwork(nn.Module):
         config: NetworkConfig,
         multiplier: float = 1.0,
         specs: Optional[Mapping[str, ModuleSpec]] = None,
+        train_t5xxl: bool = False,
     ):
         super().__init__()
         self.config = config
@@ -85,16 +86,22 @@ class LycorisNetwork(nn.Module):
         self.loraplus_unet_lr_ratio = config.loraplus_unet_lr_ratio
         self.loraplus_text_encoder_lr_ratio = config.loraplus_text_encoder_lr_ratio
 
-        self.preset = presets.load(config.preset)
+        self.family = tg.detect_family(unet)
+        if self.family.is_dit:
+            blocks.refuse_on_dit(config, self.family.title)
+        if train_t5xxl and self.family.t5_index is None:
+            raise ConfigError(f"network_arg train_t5xxl=True: {self.family.title} models have no T5-XXL text encoder "
+                              "(train_t5xxl applies to Flux and SD3)")
+        self.preset = presets.load(config.preset, self.family.name)
         self._checked_overrides: set = set()
         if specs is None:
-            te_targets, unet_targets = tg.select(text_encoder, unet, self.preset)
+            te_targets, unet_targets = tg.select(text_encoder, unet, self.preset, self.family, train_t5xxl)
             self.is_sdxl = blocks.is_sdxl_layout(t.name for t in unet_targets)
             blocks.check_lengths(config, self.is_sdxl)
             self.block_lr_weight = blocks.lr_weights(config, self.is_sdxl)
             chosen = [(t, self._spec(t)) for t in te_targets + unet_targets]
         else:
-            layers = tg.every_layer(text_encoder, unet)  # specs come from weights.infer_specs on these layers
+            layers = tg.every_layer(text_encoder, unet, self.family)  # specs come from weights.infer_specs on these
             chosen = [(t, specs[n]) for n, t in layers.items() if n in specs]  # the model's order
             self.is_sdxl = blocks.is_sdxl_layout(specs)
             self.block_lr_weight = blocks.lr_weights(config, self.is_sdxl)
@@ -118,6 +125,11 @@ class LycorisNetwork(nn.Module):
                            f"exactly); training uses {b:g} so that every reader computes the same scale")
         if not self.text_encoder_loras and not self.unet_loras:
             raise ValueError(f"the network has no modules: preset {self.preset.name!r} matches no layer of this model")
+        #: sd-scripts' flux/sd3 trainers read this: True when T5-XXL has adapters (then it is trained, not cached)
+        self.train_t5xxl = any(tg.te_prefix_of(a.lora_name) == self.family.t5_prefix for a in self.text_encoder_loras)
+        if train_t5xxl and not self.train_t5xxl:
+            logger.warning(f"lycoris_kohya: train_t5xxl=True, but preset {self.preset.name!r} matches no layer of the "
+                           "T5-XXL text encoder (or none was given); T5-XXL is not trained")
         if any(a.dora_axis == "output" for a in self.loras):
             logger.warning("lycoris_kohya: DoRA on the output axis (wd_on_output=True): ComfyUI and A1111 do not yet "
                            "apply this axis the way it was trained (ComfyUI divides by ||W0||, A1111 only knows the "
@@ -129,8 +141,9 @@ class LycorisNetwork(nn.Module):
         if specs is None and any(a.algo == "lokr" and a.layout.tucker for a in self.loras):
             logger.warning("lycoris_kohya: LoKr with use_tucker writes lokr_t2, which ComfyUI does not apply "
                            "(it fails silently); A1111 and this plugin do")
+        denoiser = f"{self.family.title} DiT" if self.family.is_dit else "U-Net"
         logger.info(f"lycoris_kohya: {config.algo} network with {len(self.text_encoder_loras)} text encoder "
-                    f"and {len(self.unet_loras)} U-Net modules")
+                    f"and {len(self.unet_loras)} {denoiser} modules")
 
     def _block(self, target: tg.Target) -> int:
         return -1 if target.is_text_encoder else blocks.block_index(target.name, self.is_sdxl)
@@ -228,8 +241,10 @@ class LycorisNetwork(nn.Module):
             None if text_encoder_lr is None else [text_encoder_lr], unet_lr, default_lr)
 
     def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr, unet_lr=None, default_lr=None):
-        """One group per text encoder (lr from the list, the first entry for all if it is shorter)
-        and one for the U-Net, each split in two when a LoRA+ ratio is set."""
+        """One group per text encoder and one for the U-Net/DiT, each split in two when a LoRA+ ratio is set.
+        Text encoder i gets the list's entry i (i: its place in the trainer's list, e.g. Flux CLIP-L 0,
+        T5-XXL 1; SD3 CLIP-L 0, CLIP-G 1, T5-XXL 2), or the last entry if the list is shorter, as sd-scripts'
+        own LoRA does."""
         self.requires_grad_(True)
         if isinstance(text_encoder_lr, (int, float)):
             text_encoder_lr = [text_encoder_lr]
@@ -238,10 +253,12 @@ class LycorisNetwork(nn.Module):
 
         by_prefix: Dict[str, List[Adapter]] = {}
         for a in self.text_encoder_loras:
-            by_prefix.setdefault(a.lora_name.split("_text_model_")[0], []).append(a)
+            by_prefix.setdefault(tg.te_prefix_of(a.lora_name), []).append(a)
         te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
+        order = self.family.te_prefixes or sorted(by_prefix)
         for i, (prefix, adapters) in enumerate(sorted(by_prefix.items())):
-            lr = te_lrs[i] if i < len(te_lrs) else (te_lrs[0] if te_lrs else default_lr)
+            at = order.index(prefix) if prefix in order else i
+            lr = te_lrs[at] if at < len(te_lrs) else (te_lrs[-1] if te_lrs else default_lr)
             label = "textencoder" if len(by_prefix) == 1 else f"textencoder {i + 1}"
             g, d = self._groups(adapters, lr, te_ratio, label)
             groups += g

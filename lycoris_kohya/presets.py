@@ -87,6 +87,60 @@ BUILTIN: Dict[str, Preset] = {
     )
 }
 
+
+def _dit_presets(blocks, extra, te, modulation=(), attn=((), ()), te_attn=(), exclude=()) -> Dict[str, Preset]:
+    """The same preset names for a DiT family. ``blocks``: the classes sd-scripts' own LoRA for the family
+    targets (``default``); ``extra``: paths of the embedders and final layer (``full``); ``modulation``:
+    paths ``attn-mlp`` leaves out; ``attn``: (classes, paths) of the attention layers (``attn-only``);
+    ``exclude``: paths sd-scripts' LoRA leaves out by default."""
+    return {p.name: p for p in (
+        Preset("default", blocks, (), te, exclude_name=exclude),
+        Preset("full", blocks, extra, te),
+        Preset("full-lin", blocks, extra, te, enable_conv=False),
+        Preset("attn-mlp", blocks, (), te, exclude_name=tuple(exclude) + tuple(modulation)),
+        Preset("attn-only", attn[0], attn[1], te_attn),
+        Preset("unet-only", blocks, (), exclude_name=exclude),
+    )}
+
+
+_T5 = ("T5Attention", "T5DenseGatedActDense")  # T5-XXL (adapted only with train_t5xxl)
+
+#: built-in presets per model family (targets.FAMILIES), from the classes of sd-scripts' library/*_models.py
+FAMILY_BUILTIN: Dict[str, Dict[str, Preset]] = {
+    "sd": BUILTIN,
+    # DoubleStreamBlock: img_/txt_ attn.qkv, attn.proj, mlp.0, mlp.2, mod.lin; SingleStreamBlock: linear1
+    # (fused qkv + MLP in), linear2 (attention out + MLP out), modulation.lin
+    "flux": _dit_presets(
+        ("DoubleStreamBlock", "SingleStreamBlock"),
+        ("img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer"),
+        _CLIP + _T5, modulation=("*.img_mod.lin", "*.txt_mod.lin", "*.modulation.lin"),
+        attn=(("SelfAttention",), ()), te_attn=("CLIP*Attention*", "T5Attention")),
+    # MMDiT joint_blocks.N.{context_block,x_block} (SingleDiTBlock): attn(.attn2).qkv/proj, mlp, adaLN_modulation.1
+    "sd3": _dit_presets(
+        ("SingleDiTBlock",),
+        ("x_embedder", "t_embedder", "y_embedder", "context_embedder", "final_layer"),
+        _CLIP + _T5, modulation=("*.adaLN_modulation.1",),
+        attn=(("AttentionLinears",), ()), te_attn=("CLIP*Attention*", "T5Attention")),
+    # NextDiT layers / noise_refiner / context_refiner (JointTransformerBlock) and FinalLayer
+    "lumina": _dit_presets(
+        ("JointTransformerBlock", "FinalLayer"), ("x_embedder", "t_embedder", "cap_embedder"),
+        ("Gemma2Attention", "Gemma2FlashAttention2", "Gemma2SdpaAttention", "Gemma2MLP"),
+        modulation=("*.adaLN_modulation.1", "final_layer.*"),
+        attn=(("JointAttention",), ()), te_attn=("Gemma2*Attention*",)),
+    # Anima blocks.N (Block): self_attn / cross_attn q_proj, k_proj, v_proj, output_proj, mlp.layer1/2;
+    # sd-scripts leaves out adaln_modulation_*, the embedders and the final layer by default
+    "anima": _dit_presets(
+        ("Block",), ("x_embedder", "t_embedder", "final_layer", "llm_adapter.blocks"),
+        ("Qwen3Attention", "Qwen3MLP", "Qwen3SdpaAttention", "Qwen3FlashAttention2"),
+        attn=(("Attention",), ()), te_attn=("Qwen3*Attention*",), exclude=("*_modulation*",)),
+    # HunyuanImage-2.1 MMDoubleStreamBlock / MMSingleStreamBlock; its text encoders are never adapted
+    "hunyuan_image": _dit_presets(
+        ("MMDoubleStreamBlock", "MMSingleStreamBlock"),
+        ("img_in", "txt_in", "time_in", "guidance_in", "byt5_in", "final_layer"),
+        (), modulation=("*.img_mod.linear", "*.txt_mod.linear", "*.modulation.linear"),
+        attn=((), ("*.img_attn_qkv", "*.img_attn_proj", "*.txt_attn_qkv", "*.txt_attn_proj"))),
+}
+
 _KEYS = ("enable_conv", "unet_target_module", "unet_target_name", "text_encoder_target_module",
          "text_encoder_target_name", "exclude_name", "module_algo_map", "name_algo_map", "use_fnmatch")
 #: preset files shipped inside the package (package data), usable by name: preset=style-no-cross-attn
@@ -137,14 +191,19 @@ def from_dict(name: str, raw: Mapping[str, Any]) -> Preset:
     )
 
 
-def load(value: str) -> Preset:
-    """A built-in name, a path to a TOML file, or the name of a shipped preset file (preset_files/)."""
-    if value in BUILTIN:
-        return BUILTIN[value]
+def load(value: str, family: str = "sd") -> Preset:
+    """A built-in name (of the model family), a path to a TOML file, or the name of a shipped preset
+    file (preset_files/)."""
+    builtin = FAMILY_BUILTIN[family]
+    if value in builtin:
+        return builtin[value]
+    if any(value in table for table in FAMILY_BUILTIN.values()):
+        raise ConfigError(f"network_arg preset={value!r} is not defined for this model family ({family}); its "
+                          f"built-in presets: {', '.join(builtin)}")
     candidates = [value, os.path.join(PRESET_DIR, value), os.path.join(PRESET_DIR, value + ".toml")]
     path = next((c for c in candidates if os.path.isfile(c)), None)
     if path is None:
-        raise ConfigError(f"network_arg preset={value!r} is neither a built-in preset ({', '.join(BUILTIN)}), "
+        raise ConfigError(f"network_arg preset={value!r} is neither a built-in preset ({', '.join(builtin)}), "
                           f"nor a shipped preset file ({', '.join(shipped_names()) or 'none found'}), "
                           "nor the path of a TOML file")
     import toml

@@ -1,14 +1,16 @@
-"""Which layers of a UNet and of the text encoder(s) get adapters, and their canonical key names.
+"""Which layers of a UNet or DiT and of the text encoder(s) get adapters, and their canonical key names.
 
-Key of a layer: ``prefix + "_" + path.replace(".", "_")`` with prefixes ``lora_unet``, ``lora_te``
-(one text encoder) or ``lora_te1`` / ``lora_te2`` (SDXL). Names are computed canonically:
-a CLIP layer is always ``text_model.encoder.layers.{i}...`` whatever the transformers version
-(transformers 5 dropped the ``text_model.`` level from ``CLIPTextModel.named_modules()``).
+Key of a layer: ``prefix + "_" + path.replace(".", "_")``. The denoiser is always ``lora_unet`` (sd-scripts'
+LoRA for every family writes it so, for ComfyUI). Text encoder prefixes are per model family (FAMILIES):
+``lora_te`` (one text encoder) or ``lora_te1`` / ``lora_te2`` (SDXL); Flux: ``lora_te1`` CLIP-L,
+``lora_te3`` T5-XXL; SD3: ``lora_te1`` CLIP-L, ``lora_te2`` CLIP-G, ``lora_te3`` T5-XXL.
+Names are computed canonically: a CLIP layer is always ``text_model.encoder.layers.{i}...`` whatever the
+transformers version (transformers 5 dropped the ``text_model.`` level from ``CLIPTextModel.named_modules()``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 from torch import nn
 
@@ -16,6 +18,59 @@ from .presets import matches
 
 UNET_PREFIX = "lora_unet"
 TE_PREFIX = "lora_te"
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family as sd-scripts trains it: which denoiser classes identify it, and the key prefix
+    of each text encoder in the order the trainer passes them (None: kohya's SD rule, ``lora_te`` for
+    one, ``lora_te1``/``lora_te2`` for two)."""
+
+    name: str
+    title: str
+    model_classes: Tuple[str, ...]
+    te_prefixes: Optional[Tuple[str, ...]] = None
+    #: index of the T5-XXL text encoder: adapted only when train_t5xxl is asked (sd-scripts' semantics)
+    t5_index: Optional[int] = None
+
+    @property
+    def is_dit(self) -> bool:
+        return self.name != "sd"
+
+    @property
+    def t5_prefix(self) -> Optional[str]:
+        return None if self.t5_index is None else self.te_prefixes[self.t5_index]
+
+
+# the class of the model each sd-scripts trainer hands to create_network as ``unet`` (library/*_models.py)
+FAMILIES: Dict[str, Family] = {f.name: f for f in (
+    Family("sd", "SD1/2/SDXL", ("UNet2DConditionModel", "SdxlUNet2DConditionModel")),
+    # flux_train_network.py: [CLIP-L, T5-XXL]; networks/lora_flux.py
+    Family("flux", "Flux", ("Flux", "Chroma"), ("lora_te1", "lora_te3"), t5_index=1),
+    # sd3_train_network.py: [CLIP-L, CLIP-G, T5-XXL]; networks/lora_sd3.py
+    Family("sd3", "SD3", ("MMDiT",), ("lora_te1", "lora_te2", "lora_te3"), t5_index=2),
+    # lumina_train_network.py: [Gemma2]; networks/lora_lumina.py
+    Family("lumina", "Lumina", ("NextDiT",), ("lora_te",)),
+    # anima_train_network.py: [Qwen3]; networks/lora_anima.py
+    Family("anima", "Anima", ("Anima",), ("lora_te",)),
+    # hunyuan_image_train_network.py: [Qwen2.5-VL, byT5], never adapted by networks/lora_hunyuan_image.py
+    Family("hunyuan_image", "HunyuanImage", ("HYImageDiffusionTransformer",), ()),
+)}
+
+
+def detect_family(unet: Optional[nn.Module]) -> Family:
+    """The family of the model sd-scripts passed as ``unet``, from its class; anything else is SD."""
+    cls = type(unet).__name__ if unet is not None else None
+    for family in FAMILIES.values():
+        if cls in family.model_classes:
+            return family
+    return FAMILIES["sd"]
+
+
+def te_prefix_of(name: str) -> str:
+    """``lora_te1_text_model_...`` -> ``lora_te1``; ``lora_te3_encoder_block_...`` -> ``lora_te3``."""
+    return "_".join(name.split("_", 2)[:2])
+
 
 @dataclass
 class Target:
@@ -35,15 +90,21 @@ def key_name(prefix: str, path: str) -> str:
 
 
 def te_prefixes(n: int) -> List[str]:
+    """SD1/2 and SDXL: ``lora_te`` for one text encoder, ``lora_te1``, ``lora_te2`` for two."""
     return [TE_PREFIX] if n == 1 else [f"{TE_PREFIX}{i + 1}" for i in range(n)]
 
 
-def as_list(text_encoder) -> List[nn.Module]:
+def prefixed_text_encoders(text_encoder, family: Family, train_t5xxl: bool = True) -> List[Tuple[nn.Module, str]]:
+    """(text encoder, key prefix) pairs; positions follow the trainer's list (a None keeps its place, as
+    in sd-scripts), and the T5-XXL of Flux/SD3 is left out unless train_t5xxl."""
     if text_encoder is None:
         return []
-    if isinstance(text_encoder, (list, tuple)):
-        return [t for t in text_encoder if t is not None]
-    return [text_encoder]
+    tes = list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+    if family.te_prefixes is None:  # SD: prefixes by the number of text encoders present
+        tes = [t for t in tes if t is not None]
+        return list(zip(tes, te_prefixes(len(tes))))
+    return [(te, prefix) for i, (te, prefix) in enumerate(zip(tes, family.te_prefixes))
+            if te is not None and (train_t5xxl or i != family.t5_index)]
 
 
 def _adaptable(m: nn.Module) -> bool:
@@ -52,7 +113,10 @@ def _adaptable(m: nn.Module) -> bool:
 
 def canonical_te_path(text_encoder: nn.Module, path: str) -> str:
     """Module path as transformers 4 spells it: transformers 5's CLIPTextModel has no
-    ``text_model`` level (it *is* the text transformer), so it is put back."""
+    ``text_model`` level (it *is* the text transformer), so it is put back. Other text encoders
+    (T5, Gemma2, Qwen3) keep their paths."""
+    if not type(text_encoder).__name__.startswith("CLIP"):
+        return path
     if hasattr(text_encoder, "text_model") or path.startswith("text_model."):
         return path
     return "text_model." + path
@@ -81,11 +145,11 @@ def unet_layers(unet: nn.Module) -> List[Target]:
     return out
 
 
-def every_layer(text_encoder, unet: Optional[nn.Module]) -> dict:
-    """name -> Target for every adaptable layer: what a file may refer to."""
-    tes = as_list(text_encoder)
+def every_layer(text_encoder, unet: Optional[nn.Module], family: Optional[Family] = None) -> dict:
+    """name -> Target for every adaptable layer (T5-XXL included): what a file may refer to."""
+    family = family or detect_family(unet)
     found: List[Target] = []
-    for te, prefix in zip(tes, te_prefixes(len(tes))):
+    for te, prefix in prefixed_text_encoders(text_encoder, family):
         found += text_encoder_layers(te, prefix)
     if unet is not None:
         found += unet_layers(unet)
@@ -116,11 +180,13 @@ def _select(model: nn.Module, prefix: str, is_te: bool, modules, names, exclude,
     return out
 
 
-def select(text_encoder, unet: Optional[nn.Module], preset) -> Tuple[List[Target], List[Target]]:
-    """(text encoder targets, unet targets) chosen by a preset; names are unique or this raises."""
-    tes = as_list(text_encoder)
+def select(text_encoder, unet: Optional[nn.Module], preset, family: Optional[Family] = None,
+           train_t5xxl: bool = False) -> Tuple[List[Target], List[Target]]:
+    """(text encoder targets, unet targets) chosen by a preset; names are unique or this raises.
+    The T5-XXL of Flux/SD3 gets targets only with train_t5xxl."""
+    family = family or detect_family(unet)
     te_targets: List[Target] = []
-    for te, prefix in zip(tes, te_prefixes(len(tes))):
+    for te, prefix in prefixed_text_encoders(text_encoder, family, train_t5xxl):
         te_targets += _select(te, prefix, True, preset.text_encoder_target_module, preset.text_encoder_target_name,
                               preset.exclude_name, preset.enable_conv, lambda p, te=te: canonical_te_path(te, p) if p else p)
     u_targets: List[Target] = []
