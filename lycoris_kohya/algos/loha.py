@@ -129,8 +129,17 @@ def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Optional[torch.T
     return ((ka.T @ ka) * (kb @ kb.T)).sum()
 
 
-def dora_terms(t, w0, axis):
-    return None  # building dW densely (checkpointed) is cheaper than W0^T KA at rank r^2
+def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(<W0, dW>, ||dW||^2) per column of the flattened [out, in*k] weight (input axis) or per row
+    (output axis) from the Khatri-Rao factors: W0^T KA (one matmul of rank r1*r2, several times
+    cheaper than forming dW and its elementwise passes) and R x R Gram matrices. None for Tucker."""
+    if T1 in t:
+        return None
+    ka, kb, _ = khatri_rao({k: v.float() for k, v in t.items()})  # [out, R], [R, in*k]
+    w = w0.flatten(1).float()
+    if axis == "input":
+        return ((w.T @ ka) * kb.T).sum(1), ((ka.T @ ka @ kb) * kb).sum(0)
+    return ((w @ kb.T) * ka).sum(1), ((ka @ (kb @ kb.T)) * ka).sum(1)
 
 
 # ----- the trainable adapter -----------------------------------------------------------------

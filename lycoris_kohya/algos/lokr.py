@@ -214,11 +214,12 @@ def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Tu
     a, b, c, d = _dims(t, g)
     w1, w2 = _w1(t), _w2_dense(t, g)  # [a, c], [b, d, k]
     w0r = w0.float().reshape(a, b, c, d, -1)
-    if axis == "input":
-        inner = torch.einsum("pqikx,pi,qkx->ikx", w0r, w1, w2).reshape(-1)
+    # broadcast-multiply-and-sum reads W0 in place (einsum permutes a copy of it first)
+    if axis == "input":  # inner[i,k,x] = sum_pq W0[p,q,i,k,x] w1[p,i] w2[q,k,x]
+        inner = ((w0r * w1[:, None, :, None, None]).sum(0) * w2[:, None]).sum(0).reshape(-1)
         sq = (w1.pow(2).sum(0)[:, None, None] * w2.pow(2).sum(0)[None]).reshape(-1)
-    else:
-        inner = torch.einsum("pqikx,pi,qkx->pq", w0r, w1, w2).reshape(-1)
+    else:  # inner[p,q] = sum_ikx W0[p,q,i,k,x] w1[p,i] w2[q,k,x]
+        inner = ((w0r * w2[None, :, None]).sum((3, 4)) * w1[:, None, :]).sum(2).reshape(-1)
         sq = (w1.pow(2).sum(1)[:, None] * w2.pow(2).sum((1, 2))[None]).reshape(-1)
     return inner, sq
 
