@@ -217,3 +217,13 @@ def test_max_norm_bounds_every_layout(layout):
             assert all(torch.equal(v, sd_before[k]) for k, v in net.state_dict().items() if k.startswith(a.lora_name + "."))
     assert mx == pytest.approx(max(after.values()), rel=1e-4)
     assert mean == pytest.approx(sum(after.values()) / len(after), rel=1e-4)
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_delta_norm_from_factor_identities_equals_the_closed_form(layout):
+    """max-norm and the logged norms read ||g*dW|| from Gram matrices / ||kron|| (no dense dW)."""
+    unet, net = build(layout)
+    sd = net.export_state_dict()
+    for a in net.loras:
+        g, dw = reference_delta(sd, a.lora_name, a.layer.weight.shape)
+        assert a.delta_norm() == pytest.approx(float((g * dw).double().norm()), rel=1e-5), (layout, a.lora_name)

@@ -347,11 +347,9 @@ class Adapter(nn.Module):
     @torch.no_grad()
     def delta_norm(self) -> float:
         """||g * dW||_F (no dropout, multiplier 1): what --scale_weight_norms bounds. From factor
-        identities (Gram matrices, ||kron||) where they exist, without building dW."""
+        identities (Gram matrices, ||kron||), without building dW."""
         t = {k: v.detach().double() for k, v in self.tensors().items()}
         sq = self.math.norm_sq(t, self.geometry)
-        if sq is None:
-            return float(self.delta().detach().double().norm())
         gain = abs(self.scale * (1.0 if self.scalar is None else float(self.scalar)))
         return gain * float(sq.clamp_min(0.0)) ** 0.5
 

@@ -93,12 +93,15 @@ def costs(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Tuple[int, int]:
     return per, build
 
 
-def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Optional[torch.Tensor]:
-    """||dW||_F^2 from r x r Gram matrices (||U D||^2 = sum((U^T U) * (D D^T))); None for Tucker."""
-    if MID in t:
-        return None
+def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
+    """||dW||_F^2 from r x r Gram matrices, never building dW: ||U D||^2 = sum((U^T U) * (D D^T));
+    with Tucker, per kernel position ||U M_hw D||^2 = sum(((U^T U) M_hw) * (M_hw (D D^T)))."""
     u, d = t[UP].flatten(1).float(), t[DOWN].flatten(1).float()
-    return ((u.T @ u) * (d @ d.T)).sum()
+    gu, gd = u.T @ u, d @ d.T
+    if MID not in t:
+        return (gu * gd).sum()
+    m = t[MID].float().permute(2, 3, 0, 1)  # [kh, kw, r, r]
+    return ((gu @ m) * (m @ gd)).sum()
 
 
 def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:

@@ -121,12 +121,14 @@ def costs(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Tuple[int, int]:
     return per, build
 
 
-def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Optional[torch.Tensor]:
-    """||dW||_F^2 = sum((KA^T KA) * (KB KB^T)) from R x R Gram matrices (R = r1*r2); None for Tucker."""
-    if T1 in t:
-        return None
-    ka, kb, _ = khatri_rao({k: v.float() for k, v in t.items()})
-    return ((ka.T @ ka) * (kb @ kb.T)).sum()
+def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
+    """||dW||_F^2 from R x R Gram matrices of the Khatri-Rao factors (R = r1*r2), never building dW:
+    sum((KA^T KA) * (KB KB^T)); with Tucker, per kernel position sum(((KA KA^T) C_hw) * (C_hw (KB KB^T)))."""
+    ka, kb, core = khatri_rao({k: v.float() for k, v in t.items()})
+    if core is None:
+        return ((ka.T @ ka) * (kb @ kb.T)).sum()
+    c = core.permute(2, 3, 0, 1)  # [kh, kw, R, R]
+    return (((ka @ ka.T) @ c) * (c @ (kb @ kb.T))).sum()
 
 
 def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
