@@ -96,11 +96,11 @@ def costs(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Tuple[int, int]:
 def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
     """||dW||_F^2 from r x r Gram matrices, never building dW: ||U D||^2 = sum((U^T U) * (D D^T));
     with Tucker, per kernel position ||U M_hw D||^2 = sum(((U^T U) M_hw) * (M_hw (D D^T)))."""
-    u, d = t[UP].flatten(1).float(), t[DOWN].flatten(1).float()
+    u, d = t[UP].flatten(1), t[DOWN].flatten(1)
     gu, gd = u.T @ u, d @ d.T
     if MID not in t:
         return (gu * gd).sum()
-    m = t[MID].float().permute(2, 3, 0, 1)  # [kh, kw, r, r]
+    m = t[MID].permute(2, 3, 0, 1)  # [kh, kw, r, r]
     return ((gu @ m) * (m @ gd)).sum()
 
 

@@ -124,7 +124,7 @@ def costs(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Tuple[int, int]:
 def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
     """||dW||_F^2 from R x R Gram matrices of the Khatri-Rao factors (R = r1*r2), never building dW:
     sum((KA^T KA) * (KB KB^T)); with Tucker, per kernel position sum(((KA KA^T) C_hw) * (C_hw (KB KB^T)))."""
-    ka, kb, core = khatri_rao({k: v.float() for k, v in t.items()})
+    ka, kb, core = khatri_rao(t)
     if core is None:
         return ((ka.T @ ka) * (kb @ kb.T)).sum()
     c = core.permute(2, 3, 0, 1)  # [kh, kw, R, R]

@@ -201,8 +201,7 @@ def _w2_dense(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
 
 
 def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
-    """||kron(w1, w2)||_F^2 = ||w1||^2 ||w2||^2."""
-    t = {k: v.float() for k, v in t.items()}
+    """||kron(w1, w2)||_F^2 = ||w1||^2 ||w2||^2 (in the dtype of t; max-norm passes fp64)."""
     return _w1(t).pow(2).sum() * _w2_dense(t, g).pow(2).sum()
 
 
