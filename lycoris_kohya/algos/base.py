@@ -255,6 +255,7 @@ class Adapter(nn.Module):
         self.dora_axis = dora_axis
         self.dora_detach_norm = dora_detach_norm
         self._w0_sq_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+        self._cost_cache: Optional[Tuple[int, int]] = None
         if dora_axis is not None:
             w0 = layer.weight.detach()
             self.dora_scale = nn.Parameter(dora_math.weight_norm(w0.float(), dora_axis).to(torch.float32))
@@ -284,6 +285,7 @@ class Adapter(nn.Module):
         self._had_own_forward = "forward" in layer.__dict__
         self._org_forward = layer.forward
         self._plain = not self._had_own_forward and type(layer).forward in _PLAIN_FORWARDS
+        self._costs()
         layer.forward = self.forward
 
     def remove(self) -> None:
@@ -451,7 +453,7 @@ class Adapter(nn.Module):
         if self.forward_path == "fold":
             return True
         g = self.geometry
-        per, build = self.math.costs(self.tensors(), g)
+        per, build = self._costs()
         dense = g.out_dim * g.in_dim * g.kernel_area
         tokens = g.positions(x)
         if dora:  # norms (identities cost about one build) and the input/output rescaling
@@ -459,6 +461,13 @@ class Adapter(nn.Module):
         if self._grad_wanted():  # fold: build fwd + rebuild + bwd, and a dense weight gradient
             return 3 * build + tokens * dense < 3 * tokens * (per + g.out_dim)
         return build + dense < tokens * (per + g.out_dim)
+
+    def _costs(self) -> Tuple[int, int]:
+        """The cost model's inputs, from shapes only (computed once; apply_to fills it outside any
+        torch.compile trace)."""
+        if self._cost_cache is None:
+            self._cost_cache = self.math.costs(self.tensors(), self.geometry)
+        return self._cost_cache
 
     def _folded(self, x: torch.Tensor, t: Dict[str, torch.Tensor], m) -> torch.Tensor:
         """One op with the merged weight W0 + m*g*dW (DoRA: W0 + m*(W_d - W0)), computed in fp32
