@@ -154,8 +154,10 @@ def run_one(kind, config, args, latent):
         net.train()
         modules = len(getattr(net, "unet_loras", []))
 
+    model = torch.compile(unet) if args.compile else unet
+
     def step():
-        out = unet(inp, t, enc, **kw).sample
+        out = model(inp, t, enc, **kw).sample
         out.float().square().mean().backward()
         if opt is not None:
             opt.step()
@@ -165,14 +167,17 @@ def run_one(kind, config, args, latent):
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
 
-    for _ in range(args.warmup):
+    t0 = time.perf_counter()
+    step()  # the first step compiles under --compile
+    first = time.perf_counter() - t0
+    for _ in range(args.warmup - 1):
         step()
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), modules
+    return statistics.median(times), modules, first
 
 
 def _child(conn, kind, config, args, latent):
@@ -185,14 +190,14 @@ def _child(conn, kind, config, args, latent):
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
     try:
-        t, modules = run_one(kind, config, args, latent)
+        t, modules, first = run_one(kind, config, args, latent)
         if args.device.startswith("cuda"):
             peak = torch.cuda.max_memory_allocated() / 2**20
         else:
             peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
-        conn.send((t, peak, modules, None))
+        conn.send((t, peak, modules, first, None))
     except Exception as e:  # reported as a row, not a crash of the whole run
-        conn.send((None, None, None, f"{type(e).__name__}: {e}"))
+        conn.send((None, None, None, None, f"{type(e).__name__}: {e}"))
     conn.close()
 
 
@@ -225,7 +230,11 @@ def main(argv=None):
     p.add_argument("--alpha", type=float, default=4.0)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="steps before timing (the first ones are slow: AdamW's state starts at zero, and "
+                        "squares of tiny gradients are denormal floats for a step or two)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the U-Net (as sd-scripts' "
+                   "--torch_compile); the 'first step' column is then mostly compile time")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-lycoris", action="store_true", help="skip lycoris-lora even if installed")
@@ -240,14 +249,15 @@ def main(argv=None):
     unit = "MiB CUDA" if args.device.startswith("cuda") else "MiB RSS"
     print(f"# {args.shape} U-Net, batch {args.batch}, rank {args.dim}, alpha {args.alpha:g}, {args.threads} threads, "
           f"device {args.device}; median of {args.steps} steps after {args.warmup} warm-up; "
+          f"{'torch.compile; ' if args.compile else ''}"
           f"lycoris-lora: {'yes' if have_lycoris else 'no'}; kohya networks.lora: {'yes' if have_kohya else 'no'}")
     for latent in (int(v) for v in args.latent.split(",")):
-        floor0, floor_mem, _, err = measure("floor", None, args, latent)
+        floor0, floor_mem, _, floor_first, err = measure("floor", None, args, latent)
         if err:
             raise SystemExit(f"floor failed: {err}")
-        print(f"\n## latent {latent}: floor {floor0:.3f} s/step, {floor_mem:.0f} {unit}\n")
-        print(f"| network | modules | s/step | x floor | x lycoris (time above floor) | peak {unit} | x kohya mem | x lycoris mem |")
-        print("|---|---|---|---|---|---|---|---|")
+        print(f"\n## latent {latent}: floor {floor0:.3f} s/step, {floor_mem:.0f} {unit}, first step {floor_first:.1f} s\n")
+        print(f"| network | modules | s/step | x floor | x lycoris (time above floor) | peak {unit} | x kohya mem | x lycoris mem | first step s |")
+        print("|---|---|---|---|---|---|---|---|---|")
         kohya_mem = {}
         lines = []
         for config in rows:
@@ -261,19 +271,19 @@ def main(argv=None):
             for kind in ("kohya", "ours", "lycoris"):
                 if kind not in results:
                     continue
-                t, mem, modules, err = results[kind]
+                t, mem, modules, first, err = results[kind]
                 label = {"ours": "lycoris_kohya", "kohya": "networks.lora", "lycoris": "lycoris-lora"}[kind]
                 if err:
-                    print(f"| {label} {config} | – | failed: {err[:80]} | | | | | |", flush=True)
+                    print(f"| {label} {config} | – | failed: {err[:80]} | | | | | | |", flush=True)
                     continue
                 over = ""
                 if kind == "ours" and "lycoris" in results and results["lycoris"][0]:
                     over = f"{(t - floor0) / max(results['lycoris'][0] - floor0, 1e-9):.2f}"
                 km = f"{mem / results['kohya'][1]:.2f}" if "kohya" in results and results["kohya"][1] else ""
                 lm = f"{mem / results['lycoris'][1]:.2f}" if kind == "ours" and "lycoris" in results and results["lycoris"][1] else ""
-                print(f"| {label} {config} | {modules} | {t:.3f} | {t / floor0:.2f} | {over} | {mem:.0f} | {km} | {lm} |",
+                print(f"| {label} {config} | {modules} | {t:.3f} | {t / floor0:.2f} | {over} | {mem:.0f} | {km} | {lm} | {first:.1f} |",
                       flush=True)
-        floor1, floor_mem1, _, _ = measure("floor", None, args, latent)
+        floor1, floor_mem1, _, _, _ = measure("floor", None, args, latent)
         print(f"\nfloor at the end: {floor1:.3f} s/step ({floor1 / floor0:.2f} of the start), {floor_mem1:.0f} {unit}")
 
 
