@@ -141,6 +141,9 @@ def run_one(kind, config, args, latent):
     import torch
 
     torch.set_num_threads(args.threads)
+    # AdamW's second moments of tiny gradients are denormal floats, which x86 CPUs compute ~100x
+    # slower; whichever network has them first would look slow (GPUs flush them anyway)
+    torch.set_flush_denormal(True)
     unet = make_unet(args.shape).to(args.device)
     x, t, enc, kw = inputs(args.shape, latent, args.batch, args.device)
     net = build(kind, config, unet, args)
