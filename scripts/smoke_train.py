@@ -30,6 +30,7 @@ Exit code 1 when any check fails.
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import os
 import sys
@@ -350,6 +351,12 @@ def main(argv=None) -> int:
             rc = verify(net, out, model, models, train_te, dtype, time.time() - t_start)
     if world > 1:
         rc = max(gather_object([rc]))
+        # drop the DDP wrapper while every rank is still here, then the process group: freed only at
+        # exit, after a peer had gone, it hung one run in a few (gloo, torch 2.13)
+        network = optimizer = None
+        accelerator.free_memory()
+        gc.collect()
+        accelerator.wait_for_everyone()
         accelerator.end_training()
     return rc
 
