@@ -32,6 +32,8 @@ _REGIONAL = (
     "adapters do not do. Generate without --mask_path, or merge this network into the model "
     "(list it first and pass --network_merge_n_models) so that only networks.lora networks get regions.")
 
+SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"  # what sd-scripts' sdxl_train_network.py writes
+
 
 @dataclass
 class ModuleSpec:
@@ -426,6 +428,9 @@ class LycorisNetwork(nn.Module):
         """Write the file atomically. sd-scripts' metadata (``ss_*``, modelspec) is kept as given and
         the plugin's own description is added under ``lycoris_kohya``; the caller's dict is not changed."""
         sd = {k: v.detach().to("cpu") for k, v in self.export_state_dict().items()}
+        if self.is_sdxl and not (metadata or {}).get("ss_base_model_version"):
+            # A1111 lists a file under SDXL models only when this says "sdxl_..."; sd-scripts passes its own
+            metadata = {**(metadata or {}), "ss_base_model_version": SDXL_BASE_MODEL_VERSION}
         if dtype is not None:
             before = set(wio.non_finite(sd))
             sd = {k: v.to(dtype) for k, v in sd.items()}

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random SD1.x checkpoint built locally (scripts/make_tiny_sd.py)."""
+"""Shared fixtures: tiny random SD1.x and SDXL checkpoints built locally (scripts/make_tiny_sd.py)."""
 import os
 import sys
 
@@ -15,6 +15,22 @@ def tiny_sd(tmp_path_factory):
     from make_tiny_sd import build_tiny_sd
 
     return build_tiny_sd(str(tmp_path_factory.mktemp("tiny-sd")))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory):
+    from make_tiny_sd import build_tiny_sdxl
+
+    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny-sdxl")))
+
+
+@pytest.fixture
+def sdxl_models(tiny_sdxl):
+    """Fresh ([te1, te2], U-Net under sd-scripts' SDXL module paths, diffusers U-Net), frozen, eval mode."""
+    from smoke_train import Models
+
+    m = Models(tiny_sdxl, sdxl=True)
+    return m.text_encoder, m.unet, m.diffusers_unet
 
 
 @pytest.fixture
