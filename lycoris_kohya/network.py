@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -16,21 +15,9 @@ from . import weights as wio
 from .algos import ALGORITHMS, Adapter
 from .algos.base import storable_alpha
 from .config import NetworkConfig
+from .specs import ModuleSpec
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class ModuleSpec:
-    """Everything needed to build one adapter."""
-
-    algo: str
-    rank: int
-    alpha: float
-    options: Dict[str, object] = field(default_factory=dict)
-    dora_axis: Optional[str] = None
-    #: (dropout, rank_dropout, module_dropout) of this module; None: the network's
-    dropouts: Optional[Tuple[Optional[float], Optional[float], Optional[float]]] = None
 
 
 def spec_from_config(cfg: NetworkConfig, target: tg.Target) -> Optional[ModuleSpec]:
@@ -80,7 +67,7 @@ class LycorisNetwork(nn.Module):
             self.block_lr_weight = blocks.lr_weights(config, self.is_sdxl)
             chosen = [(t, self._spec(t)) for t in te_targets + unet_targets]
         else:
-            layers = tg.every_layer(text_encoder, unet)  # specs come from weights.infer_specs on these layers
+            layers = tg.every_layer(text_encoder, unet)  # specs come from specs.infer_specs on these layers
             chosen = [(t, specs[n]) for n, t in layers.items() if n in specs]  # the model's order
             self.is_sdxl = blocks.is_sdxl_layout(specs)
             self.block_lr_weight = blocks.lr_weights(config, self.is_sdxl)
