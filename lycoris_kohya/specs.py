@@ -25,6 +25,9 @@ from .algos import dora as dora_math
 from .algos.base import LayerGeometry, alpha_scale
 
 Shape = Tuple[int, ...]
+#: a module stored as the full weight difference itself (``<name>.diff``, shaped like the weight):
+#: W = W0 + m*diff in ComfyUI and A1111; what ``convert`` writes for output-axis DoRA
+DIFF = "diff"
 
 
 @dataclass
@@ -149,6 +152,8 @@ class StoredModule:
 
     @property
     def spec(self) -> ModuleSpec:
+        if self.algo == DIFF:
+            raise ValueError(f"{self.name}: a full weight difference ({DIFF}) is not a trainable adapter")
         alpha = self.alpha if self.alpha is not None else float(self.rank)  # every reader: g = 1
         return ModuleSpec(self.algo, self.rank, alpha, dict(self.options), self.dora_axis)
 
@@ -179,6 +184,8 @@ class StoredModule:
         return self.weight_shape
 
     def _math(self, shape: Sequence[int]) -> torch.Tensor:
+        if self.algo == DIFF:
+            return self.factors[DIFF].float().reshape(tuple(shape))
         _, math_ = ALGORITHMS[self.algo]
         t = {k: v.float() for k, v in self.factors.items()}
         return math_.delta(t, tuple(shape)).reshape(tuple(shape)) * self.scale
@@ -213,6 +220,8 @@ class StoredModule:
 def read_module(name: str, tensors: Mapping[str, torch.Tensor], shape: Optional[Sequence[int]] = None) -> StoredModule:
     """A module from its stored tensors (suffix -> tensor), checked against ``shape`` when given,
     else against the shape its tensors imply. Errors name the module."""
+    if DIFF in tensors:
+        return _read_diff(name, tensors, shape)
     algo = detect(name, tensors)
     _, math_ = ALGORITHMS[algo]
     factors = {k: v for k, v in tensors.items() if k not in (ALPHA, DORA_SCALE)}
@@ -238,6 +247,18 @@ def read_module(name: str, tensors: Mapping[str, torch.Tensor], shape: Optional[
     return StoredModule(name, algo, factors, alpha, rank, scale, info, scale_t, axis, known, flat)
 
 
+def _read_diff(name: str, tensors: Mapping[str, torch.Tensor], shape: Optional[Sequence[int]]) -> StoredModule:
+    extra = sorted(set(tensors) - {DIFF, ALPHA})
+    if extra:
+        raise ValueError(f"{name}: a {DIFF} module has no other tensors, found {extra}")
+    d = tensors[DIFF]
+    known = tuple(int(s) for s in shape) if shape is not None else tuple(d.shape)
+    if math.prod(known) != d.numel() or known[0] != d.shape[0]:
+        raise ValueError(f"{name}: {DIFF} has shape {list(d.shape)}, the layer needs {list(known)}")
+    flat = (known[0], math.prod(known[1:]))
+    return StoredModule(name, DIFF, {DIFF: d}, None, min(flat), 1.0, {}, None, None, known, flat)
+
+
 def read_modules(sd: Mapping[str, torch.Tensor], shapes: Optional[Mapping[str, Sequence[int]]] = None,
                  require_shapes: bool = False) -> Dict[str, StoredModule]:
     """Every module of a state dict. ``shapes`` (lora name -> base weight shape) checks them
@@ -257,5 +278,5 @@ def infer_specs(sd: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[in
     return {n: m.spec for n, m in read_modules(sd, shapes, require_shapes=True).items()}
 
 
-__all__ = ["ModuleSpec", "ShapeUnknown", "StoredModule", "flat_shape", "group_by_module", "infer_specs",
+__all__ = ["DIFF", "ModuleSpec", "ShapeUnknown", "StoredModule", "flat_shape", "group_by_module", "infer_specs",
            "read_module", "read_modules", "shape_from_tensors"]
