@@ -183,24 +183,25 @@ class StoredModule:
                                f"give the base model (--base) for its shape")
         return self.weight_shape
 
-    def _math(self, shape: Sequence[int]) -> torch.Tensor:
+    def _unscaled(self, shape: Sequence[int]) -> torch.Tensor:
         if self.algo == DIFF:
             return self.factors[DIFF].float().reshape(tuple(shape))
         _, math_ = ALGORITHMS[self.algo]
         t = {k: v.float() for k, v in self.factors.items()}
-        return math_.delta(t, tuple(shape)).reshape(tuple(shape)) * self.scale
+        return math_.delta(t, tuple(shape)).reshape(tuple(shape))
 
     def delta(self) -> torch.Tensor:
         """g * dW in fp32, shaped like the base weight."""
-        return self._math(self._shape())
+        return self._unscaled(self._shape()) * self.scale
 
     def delta_flat(self) -> torch.Tensor:
         """g * dW in fp32 as [out, in*kh*kw] (exact even when the layer's shape is unknown)."""
-        return self._math(self.flat)
+        return self._unscaled(self.flat) * self.scale
 
     def norm(self) -> float:
         """||g * dW||_F: what --scale_weight_norms bounds."""
-        return float(self.delta_flat().double().norm())
+        d = self._unscaled(self.flat)
+        return abs(self.scale) * float(torch.linalg.vector_norm(d, dtype=torch.float64))
 
     def merged(self, base: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
         """The weight a layer with weight ``base`` behaves as at ``multiplier`` (fp32, DoRA-aware:

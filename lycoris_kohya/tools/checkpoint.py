@@ -103,7 +103,7 @@ class Checkpoint:
             raise ToolError(f"{path}: no such file or folder")
         self.slots: Dict[str, Slot] = {}
         self.aliases: Dict[str, str] = {}  # other spellings of a name -> the name
-        self._pending: Dict[str, torch.Tensor] = {}
+        self._owned: set = set()  # (store, key) of tensors already copied for in-place row writes
         if self.kind == "diffusers":
             self._map_folder()
         else:
@@ -225,46 +225,45 @@ class Checkpoint:
         return self._stored(name).dtype
 
     def weight(self, name: str) -> torch.Tensor:
-        """The current weight in fp32 (with earlier set_weight calls)."""
-        if name in self._pending:
-            return self._pending[name]
+        """The current weight, in fp32."""
         return self._stored(name).float()
 
     def set_weight(self, name: str, w: torch.Tensor) -> None:
-        """Replace a weight (kept in fp32 until saved, so merges in a row round once)."""
+        """Replace a weight (stored at once in the tensor's own dtype: to round once, do every
+        change of a layer in fp32 first, as merge does)."""
         if tuple(w.shape) != self.shape(name):
             raise ValueError(f"{name}: new weight {list(w.shape)} for a weight of {list(self.shape(name))}")
-        self._pending[name] = w.detach().float().cpu()
+        s = self.slots[name]
+        store = self.stores[s.store]
+        t = store[s.key]
+        v = (w.T if s.transposed else w).detach().to("cpu", t.dtype)
+        if s.chunk is None:
+            store[s.key] = v.contiguous()
+            return
+        if (s.store, s.key) not in self._owned:
+            t = store[s.key] = t.clone()
+            self._owned.add((s.store, s.key))
+        i, n = s.chunk
+        rows = t.shape[0] // n
+        t[i * rows:(i + 1) * rows] = v
 
-    def _apply_pending(self, dtype: Optional[torch.dtype]) -> Dict[str, Dict[str, torch.Tensor]]:
-        out = {s: dict(sd) for s, sd in self.stores.items()}
-        for name, w in self._pending.items():
-            s = self.slots[name]
-            t = out[s.store][s.key]
-            if t is self.stores[s.store][s.key]:
-                t = out[s.store][s.key] = t.clone()
-            v = w.T if s.transposed else w
-            if s.chunk is not None:
-                i, n = s.chunk
-                rows = t.shape[0] // n
-                t[i * rows:(i + 1) * rows] = v.to(t.dtype)
-            else:
-                out[s.store][s.key] = v.to(t.dtype).contiguous()
-        if dtype is not None:
-            for sd in out.values():
-                for k, v in sd.items():
-                    if v.is_floating_point():
-                        sd[k] = v.to(dtype)
-        return out
+    def _cast(self, dtype: Optional[torch.dtype]) -> None:
+        if dtype is None:
+            return
+        for sd in self.stores.values():
+            for k in list(sd):
+                if sd[k].is_floating_point():
+                    sd[k] = sd[k].to(dtype)  # one tensor at a time: the old one is freed
 
     # ----- saving --------------------------------------------------------------------------------
     def save(self, out: str, dtype: Optional[torch.dtype] = None, metadata: Optional[Mapping[str, str]] = None) -> None:
         """Write the model with every set_weight applied (floating tensors cast to ``dtype`` if
-        given), in the input's form: a single file, or a new diffusers folder (the other parts
+        given, in place), in the input's form: a single file, or a new diffusers folder (the other parts
         copied). Atomic: a file is renamed into place; a folder is built beside ``out`` and renamed."""
         if os.path.abspath(out) == os.path.abspath(self.path):
             raise ToolError(f"{out}: the output must not be the input model")
-        stores = self._apply_pending(dtype)
+        self._cast(dtype)
+        stores = self.stores
         if self.kind == "single":
             if os.path.isdir(out):
                 raise ToolError(f"{out}: is a folder; the input is a single file, give a file name")

@@ -58,13 +58,14 @@ def fold_lokr_t2(m: sp.StoredModule) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _as_locon(d: torch.Tensor, rank: Optional[int], allow_lossy: bool, dtype, name: str) -> Tuple[Dict, str, float]:
-    exact = lowrank.svd_fit(d, None, None, dtype)
+def _as_locon(d: torch.Tensor, rank: Optional[int], allow_lossy: bool, dtype, name: str,
+              bound: Optional[int] = None) -> Tuple[Dict, str, float]:
+    exact = lowrank.svd_fit(d, None, None, dtype, bound)
     if rank is None or rank >= exact.rank:
         return exact.tensors, f"LoCon rank {exact.rank} (full numerical rank)", exact.relative_error
     if not allow_lossy:
         raise ToolError(f"{name}: needs rank {exact.rank} to be exact; --rank {rank} truncates it: add --allow-lossy")
-    f = lowrank.svd_fit(d, rank, None, dtype)
+    f = lowrank.svd_fit(d, rank, None, dtype, bound)
     return f.tensors, f"LoCon rank {f.rank} (truncated from {exact.rank})", f.relative_error
 
 
@@ -105,7 +106,7 @@ def convert_module(m: sp.StoredModule, target: str, w0: Optional[torch.Tensor], 
         if locon.MID in m.factors:
             return cast(lowrank.fold_tucker(unchanged(), m.weight_shape)), "lora_mid folded into lora_down", 0.0
         return unchanged(), "unchanged", 0.0
-    t, what, err = _as_locon(m.delta(), rank, allow_lossy, dt, m.name)
+    t, what, err = _as_locon(m.delta(), rank, allow_lossy, dt, m.name, lowrank.rank_bound(m))
     return t, f"{m.algo} -> {what}", err
 
 

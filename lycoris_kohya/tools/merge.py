@@ -49,12 +49,17 @@ def merge_into(files: List[Tuple[str, float]], model: str, out: str, dtype: Opti
             raise ToolError(f"{path}: {len(missing)} of {len(modules)} modules have no layer in {model} "
                             f"(a file for another model?), e.g. {missing[0]}")
         loaded.append((path, m, modules))
-    counts = {}
+    # layer by layer, every file in order in fp32, rounded once: the same as file after file
+    plan: Dict[str, List[Tuple[float, sp.StoredModule]]] = {}
     for path, m, modules in loaded:
-        for name, mod in progress(modules.items(), f"merge {path}", len(modules)):
-            target = ckpt.resolve(name)
-            ckpt.set_weight(target, mod.merged(ckpt.weight(target), m))
-        counts[path] = len(modules)
+        for name, mod in modules.items():
+            plan.setdefault(ckpt.resolve(name), []).append((m, mod))
+    for target, parts in progress(plan.items(), "merge", len(plan)):
+        w = ckpt.weight(target)
+        for m, mod in parts:
+            w = mod.merged(w, m)
+        ckpt.set_weight(target, w)
+    counts = {path: len(modules) for path, _, modules in loaded}
     ckpt.save(out, dtype, {"lycoris_kohya_merged": json.dumps([[p, m] for p, m in files])})
     return {"into": model, "out": out, "kind": ckpt.kind, "family": ckpt.family, "merged": counts}
 
@@ -122,12 +127,14 @@ def combine(files: List[Tuple[str, float]], out: str, rank: Optional[int] = None
                 w = w0
                 for _, m, mod in parts:
                     w = mod.merged(w, m)
-                d = w - w0
+                d, bound = w - w0, None
             else:
                 d = sum(m * mod.delta() for _, m, mod in parts)
+                bounds = [lowrank.rank_bound(mod) for _, _, mod in parts]
+                bound = None if None in bounds else sum(bounds)
         except (sp.ShapeUnknown, ToolError) as e:
             raise ToolError(f"{parts[0][0]}: {e}") from None
-        f = lowrank.svd_fit(d, rank, None, out_dtype)
+        f = lowrank.svd_fit(d, rank, None, out_dtype, bound)
         tensors.update(module_tensors(name, f.tensors))
         report[name] = {"rank": f.rank, "relative_error": f.relative_error, "error": f.error, "norm": f.norm}
     err2 = sum(r["error"] ** 2 for r in report.values())

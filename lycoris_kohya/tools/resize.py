@@ -80,15 +80,17 @@ def resize(path: str, rank: int, out: str, dynamic=None, base: Optional[str] = N
                 report[name] = {"algo": m.algo, "rank_in": m.rank, "rank": m.rank, "error": 0.0, "norm": m.norm(),
                                 "relative_error": 0.0}
                 continue
+            bound = lowrank.rank_bound(m)
             if m.dora_axis is not None and w0 is not None:
                 d, dora_mode = m.change(w0, 1.0), "W_d - W0 of the base model, as plain LoCon"
+                bound = None
             else:
                 d = m.delta()
                 if m.dora_axis is not None:
                     dora_mode = "dora_scale kept, g*dW factorised"
         except sp.ShapeUnknown as e:
             raise ToolError(f"{path}: {e}") from None
-        f = lowrank.fit(d, rank, dynamic, tucker and m.tucker, out_dtype)
+        f = lowrank.fit(d, rank, dynamic, tucker and m.tucker, out_dtype, bound)
         new = dict(f.tensors)
         if m.dora_axis is not None and w0 is None:
             new["dora_scale"] = m.dora_scale
