@@ -116,6 +116,11 @@ def main():
          o("loha_diffusers.safetensors")),
     ]
     if not a.skip_extract:
+        runs.append(("extract merged - base, rank 16 / conv 8, --fast", ["extract", "--base", o("sd15.safetensors"),
+                                                                         "--tuned", o("merged.safetensors"), "--rank",
+                                                                         "16", "--conv-rank", "8", "--fast", "--out",
+                                                                         o("extracted_fast.safetensors")],
+                     o("extracted_fast.safetensors")))
         runs.append(("extract merged - base, rank 16 / conv 8", ["extract", "--base", o("sd15.safetensors"), "--tuned",
                                                                  o("merged.safetensors"), "--rank", "16", "--conv-rank",
                                                                  "8", "--out", o("extracted.safetensors")],

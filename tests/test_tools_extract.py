@@ -155,3 +155,24 @@ def test_refusals(tiny_sd, sd1_single, sdxl_single, tmp_path, capsys):
         assert cli.main(["extract", *argv, "--out", str(out)]) == 1
         assert msg in capsys.readouterr().err, argv
         assert not out.exists()
+
+
+def test_fast_randomized_svd(tiny_sd, tmp_path, capsys):
+    te, unet = sd1_models(tiny_sd)
+    changes = tune(te, unet, rank=4)
+    tuned = write_single(lc.sd1_single(unet, te), tmp_path / "tuned.safetensors")
+    shapes = {n: tuple(d.shape) for n, d in changes.items()}
+    out = tmp_path / "e.safetensors"
+    r = extract(capsys, "--base", tiny_sd, "--tuned", tuned, "--rank", 4, "--fast", "--out", out, "--dtype", "fp32")
+    assert r["total_relative_error"] < 1e-5  # the sketch (rank + 8) holds the whole rank-4 difference
+    r = extract(capsys, "--base", tiny_sd, "--tuned", tuned, "--rank", 2, "--fast", "--out", out, "--dtype", "fp32")
+    got = _deltas(out, shapes)
+    for n, d in changes.items():
+        s = torch.linalg.svdvals(d.reshape(d.shape[0], -1).double())
+        optimal = float(torch.sqrt((s[2:] ** 2).sum()) / torch.sqrt((s ** 2).sum()))
+        measured = float((got[n] - d).norm() / d.norm())
+        assert r["modules"][n]["relative_error"] == pytest.approx(measured, rel=1e-4), n
+        assert optimal * (1 - 1e-6) <= measured <= optimal * 1.05, (n, optimal, measured)
+    assert cli.main(["extract", "--base", tiny_sd, "--tuned", tuned, "--rank", "2", "--fast", "--dynamic", "sv_fro",
+                     "0.9", "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert "needs the whole spectrum" in capsys.readouterr().err

@@ -52,6 +52,58 @@ def _read(path: str) -> Dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if isinstance(v, torch.Tensor)}
 
 
+class Store:
+    """Tensors by key. safetensors files are read only when a tensor is asked for (shapes come from
+    their headers); tensors that were set are held in memory."""
+
+    def __init__(self):
+        self._shapes: Dict[str, Tuple[int, ...]] = {}
+        self._where: Dict[str, object] = {}  # key -> open safetensors handle
+        self._held: Dict[str, torch.Tensor] = {}
+
+    def add_file(self, path: str) -> List[str]:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                handle = safe_open(path, "pt")
+            except Exception as e:
+                raise ToolError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from None
+            keys = list(handle.keys())
+            for k in keys:
+                self._where[k] = handle
+                self._shapes[k] = tuple(handle.get_slice(k).get_shape())
+            return keys
+        sd = _read(path)
+        for k, v in sd.items():
+            self[k] = v
+        return list(sd)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._shapes
+
+    def __iter__(self):
+        return iter(self._shapes)
+
+    def __len__(self) -> int:
+        return len(self._shapes)
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key in self._held:
+            return self._held[key]
+        return self._where[key].get_tensor(key)
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        self._held[key] = value
+        self._shapes[key] = tuple(value.shape)
+
+    def dim(self, key: str) -> int:
+        return len(self._shapes[key])
+
+    def held(self, key: str) -> bool:
+        return key in self._held
+
+
 def _write(path: str, tensors: Mapping[str, torch.Tensor], metadata: Optional[Mapping[str, str]] = None) -> None:
     """Atomic write of a safetensors or torch file."""
     tensors = {k: v.contiguous() for k, v in tensors.items()}
@@ -88,7 +140,7 @@ class Checkpoint:
 
     def __init__(self, path: str):
         self.path = path
-        self.stores: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.stores: Dict[str, Store] = {}
         self.files: Dict[str, List[Tuple[str, List[str]]]] = {}  # store -> [(file, its keys)]
         self.metadata: Dict[str, str] = {}
         if is_diffusers_folder(path):
@@ -117,18 +169,13 @@ class Checkpoint:
             folder = os.path.join(self.path, comp)
             if not os.path.isdir(folder):
                 continue
-            sd: Dict[str, torch.Tensor] = {}
-            parts = []
-            for f in _component_files(folder):
-                part = _read(f)
-                parts.append((f, list(part)))
-                sd.update(part)
-            self.stores[comp], self.files[comp] = sd, parts
+            sd = Store()
+            self.files[comp] = [(f, sd.add_file(f)) for f in _component_files(folder)]
+            self.stores[comp] = sd
 
     def _load_single(self) -> None:
-        sd = _read(self.path)
-        self.stores[SINGLE] = sd
-        self.files[SINGLE] = [(self.path, list(sd))]
+        sd = self.stores[SINGLE] = Store()
+        self.files[SINGLE] = [(self.path, sd.add_file(self.path))]
         if self.path.endswith(".safetensors"):
             self.metadata = wio.load_metadata(self.path)
 
@@ -144,9 +191,9 @@ class Checkpoint:
             if a and a != name:
                 self.aliases[a] = name
 
-    def _add_unet(self, store: str, keys: Mapping[str, torch.Tensor], strip: str, diffusers: bool) -> None:
-        paths = [k[len(strip):-len(".weight")] for k, v in keys.items()
-                 if k.startswith(strip) and k.endswith(".weight") and v.dim() in (2, 4)]
+    def _add_unet(self, store: str, keys: Store, strip: str, diffusers: bool) -> None:
+        paths = [k[len(strip):-len(".weight")] for k in keys
+                 if k.startswith(strip) and k.endswith(".weight") and keys.dim(k) in (2, 4)]
         if not paths:
             return
         all_paths = [k[len(strip):] for k in keys if k.startswith(strip)]
@@ -159,14 +206,14 @@ class Checkpoint:
             first, second = (ldm_name, hf_name) if self._family == "sdxl" else (hf_name, ldm_name)
             self._add(first or second, Slot(store, strip + p + ".weight"), second)
 
-    def _add_clip(self, store: str, keys: Mapping[str, torch.Tensor], strip: str, prefix: str) -> None:
-        for k, v in keys.items():
-            if not (k.startswith(strip) and k.endswith(".weight") and v.dim() == 2) or "embeddings." in k:
+    def _add_clip(self, store: str, keys: Store, strip: str, prefix: str) -> None:
+        for k in keys:
+            if not (k.startswith(strip) and k.endswith(".weight") and keys.dim(k) == 2) or "embeddings." in k:
                 continue
             path = keymap.canonical_clip_key(k[len(strip):])[:-len(".weight")]
             self._add(keymap.lora_name(prefix, path), Slot(store, k))
 
-    def _add_openclip(self, keys: Mapping[str, torch.Tensor], strip: str, prefix: str, drop_last: bool) -> None:
+    def _add_openclip(self, keys: Store, strip: str, prefix: str, drop_last: bool) -> None:
         layers = {int(k[len(strip):].split(".")[2]) for k in keys if k.startswith(strip + "transformer.resblocks.")}
         last = max(layers) if layers else -1
         for k in keys:
@@ -179,7 +226,7 @@ class Checkpoint:
                 self._add(keymap.lora_name(prefix, path), Slot(SINGLE, k, chunk, transposed))
 
     def _map_folder(self) -> None:
-        unet = self.stores.get("unet", {})
+        unet = self.stores.get("unet", Store())
         self._family = "sdxl" if ("text_encoder_2" in self.stores or "add_embedding.linear_1.weight" in unet) else "sd"
         self._add_unet("unet", unet, "", diffusers=True)
         tes = [c for c in ("text_encoder", "text_encoder_2") if c in self.stores]
@@ -219,7 +266,12 @@ class Checkpoint:
         return t.T if s.transposed else t
 
     def shape(self, name: str) -> Tuple[int, ...]:
-        return tuple(self._stored(name).shape)
+        """The weight's shape, from the file header (nothing is read)."""
+        s = self.slots[name]
+        shape = list(self.stores[s.store]._shapes[s.key])
+        if s.chunk is not None:
+            shape[0] //= s.chunk[1]
+        return tuple(reversed(shape)) if s.transposed else tuple(shape)
 
     def dtype(self, name: str) -> torch.dtype:
         return self._stored(name).dtype
@@ -241,35 +293,34 @@ class Checkpoint:
             store[s.key] = v.contiguous()
             return
         if (s.store, s.key) not in self._owned:
-            t = store[s.key] = t.clone()
+            t = t.clone()
+            store[s.key] = t
             self._owned.add((s.store, s.key))
         i, n = s.chunk
         rows = t.shape[0] // n
         t[i * rows:(i + 1) * rows] = v
 
-    def _cast(self, dtype: Optional[torch.dtype]) -> None:
-        if dtype is None:
-            return
-        for sd in self.stores.values():
-            for k in list(sd):
-                if sd[k].is_floating_point():
-                    sd[k] = sd[k].to(dtype)  # one tensor at a time: the old one is freed
+    def _tensors(self, store: str, keys: List[str], dtype: Optional[torch.dtype]) -> Dict[str, torch.Tensor]:
+        out = {}
+        for k in keys:
+            t = self.stores[store][k]
+            out[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return out
 
     # ----- saving --------------------------------------------------------------------------------
     def save(self, out: str, dtype: Optional[torch.dtype] = None, metadata: Optional[Mapping[str, str]] = None) -> None:
         """Write the model with every set_weight applied (floating tensors cast to ``dtype`` if
-        given, in place), in the input's form: a single file, or a new diffusers folder (the other parts
+        given), in the input's form: a single file, or a new diffusers folder (the other parts
         copied). Atomic: a file is renamed into place; a folder is built beside ``out`` and renamed."""
         if os.path.abspath(out) == os.path.abspath(self.path):
             raise ToolError(f"{out}: the output must not be the input model")
-        self._cast(dtype)
-        stores = self.stores
         if self.kind == "single":
             if os.path.isdir(out):
                 raise ToolError(f"{out}: is a folder; the input is a single file, give a file name")
             meta = dict(self.metadata)
             meta.update(metadata or {})
-            _write(out, stores[SINGLE], meta if out.endswith(".safetensors") else None)
+            _write(out, self._tensors(SINGLE, list(self.stores[SINGLE]), dtype),
+                   meta if out.endswith(".safetensors") else None)
             return
         if os.path.exists(out):
             raise ToolError(f"{out}: already exists; a merged diffusers folder is written to a new path")
@@ -282,7 +333,7 @@ class Checkpoint:
             for store, parts in self.files.items():
                 for file, keys in parts:
                     rel = os.path.relpath(file, self.path)
-                    _write(os.path.join(tmp, rel), {k: stores[store][k] for k in keys})
+                    _write(os.path.join(tmp, rel), self._tensors(store, keys, dtype))
             os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

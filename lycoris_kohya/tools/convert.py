@@ -59,19 +59,19 @@ def fold_lokr_t2(m: sp.StoredModule) -> Dict[str, torch.Tensor]:
 
 
 def _as_locon(d: torch.Tensor, rank: Optional[int], allow_lossy: bool, dtype, name: str,
-              bound: Optional[int] = None) -> Tuple[Dict, str, float]:
+              bound: Optional[int] = None) -> Tuple[Dict, str, float, float]:
     exact = lowrank.svd_fit(d, None, None, dtype, bound)
     if rank is None or rank >= exact.rank:
-        return exact.tensors, f"LoCon rank {exact.rank} (full numerical rank)", exact.relative_error
+        return exact.tensors, f"LoCon rank {exact.rank} (full numerical rank)", exact.relative_error, exact.norm
     if not allow_lossy:
         raise ToolError(f"{name}: needs rank {exact.rank} to be exact; --rank {rank} truncates it: add --allow-lossy")
     f = lowrank.svd_fit(d, rank, None, dtype, bound)
-    return f.tensors, f"LoCon rank {f.rank} (truncated from {exact.rank})", f.relative_error
+    return f.tensors, f"LoCon rank {f.rank} (truncated from {exact.rank})", f.relative_error, f.norm
 
 
 def convert_module(m: sp.StoredModule, target: str, w0: Optional[torch.Tensor], rank: Optional[int],
-                   allow_lossy: bool, dtype: Optional[torch.dtype]) -> Tuple[Dict[str, torch.Tensor], str, float]:
-    """(tensors, what was done, relative error) for one module."""
+                   allow_lossy: bool, dtype: Optional[torch.dtype]) -> Tuple[Dict[str, torch.Tensor], str, float, float]:
+    """(tensors, what was done, relative error, ||what the error is relative to||) for one module."""
     dt = dtype or next(iter(m.factors.values())).dtype
 
     def cast(t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -93,21 +93,21 @@ def convert_module(m: sp.StoredModule, target: str, w0: Optional[torch.Tensor], 
     if target in ("comfyui", "a1111"):
         if m.dora_axis == dora_math.OUTPUT:
             diff = m.change(base_needed("output-axis DoRA as a weight difference"), 1.0)
-            return {sp.DIFF: diff.to(dt)}, "output-axis DoRA -> diff (W_d - W0)", 0.0
+            return {sp.DIFF: diff.to(dt)}, "output-axis DoRA -> diff (W_d - W0)", 0.0, None
         if target == "comfyui" and lokr.T2 in m.factors:
-            return cast(fold_lokr_t2(m)), "lokr_t2 folded into a full lokr_w2", 0.0
-        return unchanged(), "unchanged", 0.0
+            return cast(fold_lokr_t2(m)), "lokr_t2 folded into a full lokr_w2", 0.0, None
+        return unchanged(), "unchanged", 0.0, None
     # diffusers / all: plain LoCon only
     if m.dora_axis is not None:
         d = m.change(base_needed("DoRA as LoCon"), 1.0)
-        t, what, err = _as_locon(d, rank, allow_lossy, dt, m.name)
-        return t, f"{m.dora_axis}-axis DoRA (W_d - W0) -> {what}", err
+        t, what, err, norm = _as_locon(d, rank, allow_lossy, dt, m.name)
+        return t, f"{m.dora_axis}-axis DoRA (W_d - W0) -> {what}", err, norm
     if m.algo == "locon":
         if locon.MID in m.factors:
-            return cast(lowrank.fold_tucker(unchanged(), m.weight_shape)), "lora_mid folded into lora_down", 0.0
-        return unchanged(), "unchanged", 0.0
-    t, what, err = _as_locon(m.delta(), rank, allow_lossy, dt, m.name, lowrank.rank_bound(m))
-    return t, f"{m.algo} -> {what}", err
+            return cast(lowrank.fold_tucker(unchanged(), m.weight_shape)), "lora_mid folded into lora_down", 0.0, None
+        return unchanged(), "unchanged", 0.0, None
+    t, what, err, norm = _as_locon(m.delta(), rank, allow_lossy, dt, m.name, lowrank.rank_bound(m))
+    return t, f"{m.algo} -> {what}", err, norm
 
 
 def convert(path: str, target: str, out: str, base: Optional[str] = None, allow_lossy: bool = False,
@@ -130,11 +130,12 @@ def convert(path: str, target: str, out: str, base: Optional[str] = None, allow_
             w0 = ckpt.weight(t)
             m = m.fit(w0.shape)
         try:
-            new, what, err = convert_module(m, target, w0, rank, allow_lossy, dtype)
+            new, what, err, norm = convert_module(m, target, w0, rank, allow_lossy, dtype)
         except (sp.ShapeUnknown, ToolError) as e:
             raise ToolError(f"{path}: {e}") from None
         tensors.update(module_tensors(name, new))
-        report[name] = {"algo": m.algo, "action": what, "relative_error": err, "norm": m.norm()}
+        report[name] = {"algo": m.algo, "action": what, "relative_error": err,
+                        "norm": m.norm() if norm is None else norm}
     meta = dict(meta)
     meta["lycoris_kohya_converted_for"] = target
     save_adapter(out, tensors, meta)

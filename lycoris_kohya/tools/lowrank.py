@@ -24,7 +24,8 @@ def _gram_left(m: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return (m @ evecs) / s.clamp_min(torch.finfo(torch.float64).tiny), s
 
 
-def left_spectrum(m: torch.Tensor, rank_bound: Optional[int] = None, seed: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+def left_spectrum(m: torch.Tensor, rank_bound: Optional[int] = None, seed: int = 0, power: int = 0
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
     """(U, s): left singular vectors (fp64) and singular values (descending) of the matrix ``m``.
 
     From the eigendecomposition of the fp64 Gram matrix of the smaller side: much faster on CPUs
@@ -32,12 +33,16 @@ def left_spectrum(m: torch.Tensor, rank_bound: Optional[int] = None, seed: int =
     ~1e-8 * s_max, far below the fp32 noise level choose_rank keeps. With ``rank_bound`` (a known
     upper bound of the rank, e.g. r*r for LoHa) the column space is first found from ``m`` times a
     random [n, bound + 8] matrix (exact up to fp32 rounding, since the rank is at most the bound),
-    so only a (bound + 8)-sized problem is decomposed."""
+    so only a (bound + 8)-sized problem is decomposed. With ``power`` > 0 the bound is a sketch size
+    instead (randomized SVD with that many power iterations: approximate top singular vectors of a
+    matrix of any rank; the caller measures the resulting error)."""
     rows, cols = m.shape
     if rank_bound is not None and rank_bound + 8 < min(rows, cols):
         g = torch.Generator().manual_seed(seed)
         m32 = m.float()
         basis, _ = torch.linalg.qr((m32 @ torch.randn(cols, rank_bound + 8, generator=g)).double())
+        for _ in range(power):
+            basis, _ = torch.linalg.qr((m32 @ (m32.T @ basis.float())).double())
         u, s = _gram_left((basis.T.float() @ m32).double())
         return basis @ u, s
     return _gram_left(m.double())
@@ -98,14 +103,14 @@ def _measure(d: torch.Tensor, tensors: Dict[str, torch.Tensor]) -> float:
 
 
 def svd_fit(d: torch.Tensor, rank: Optional[int], dynamic: Optional[Tuple[str, float]] = None,
-            dtype: torch.dtype = torch.float32, rank_bound: Optional[int] = None) -> Fit:
+            dtype: torch.dtype = torch.float32, rank_bound: Optional[int] = None, power: int = 0) -> Fit:
     """LoCon (up, down, alpha = rank: g = 1) approximating the weight-shaped ``d`` by truncated SVD
     of its [out, in*kh*kw] flattening: the projection on its top-r left singular vectors, which is
     the truncated SVD; factors balanced (each gets sqrt of the singular values)."""
     d = d.float()
     shape = tuple(d.shape)
     m = d.reshape(shape[0], -1)
-    u, s = left_spectrum(m, rank_bound)
+    u, s = left_spectrum(m, rank_bound, power=power)
     r = choose_rank(s, rank, dynamic)
     root = s[:r].sqrt().clamp_min(torch.finfo(torch.float64).tiny)
     up = (u[:, :r] * root).float()
