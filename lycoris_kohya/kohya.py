@@ -8,6 +8,7 @@ from typing import Optional
 from . import specs as sp
 from . import targets as tg
 from . import weights as wio
+from .algos.base import LayerGeometry
 from .config import parse_config
 from .network import LycorisNetwork
 
@@ -29,7 +30,7 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
         weights_sd = wio.load_state_dict(file)
     config = parse_config(None, None, None, kwargs)
     layers = tg.every_layer(text_encoder, unet)
-    specs = sp.infer_specs(weights_sd, {n: tuple(t.layer.weight.shape) for n, t in layers.items()})
+    specs = sp.infer_specs(weights_sd, {n: LayerGeometry.of(t.layer).weight_shape for n, t in layers.items()})
     if not specs:
         raise ValueError(f"{file}: no network weights in the file")
     algos = sorted({s.algo for s in specs.values()})
