@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Optional
 
+from . import specs as sp
 from . import targets as tg
 from . import weights as wio
+from .algos.base import LayerGeometry
 from .config import parse_bool, parse_config
 from .network import LycorisNetwork
 
@@ -49,7 +51,7 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
     config = parse_config(None, None, None, kwargs)
     layers = tg.every_layer(text_encoder, unet)
     try:
-        specs = wio.infer_specs(weights_sd, layers)
+        specs = sp.infer_specs(weights_sd, {n: LayerGeometry.of(t.layer).weight_shape for n, t in layers.items()})
     except ValueError as e:
         if file is None or str(file) in str(e):
             raise

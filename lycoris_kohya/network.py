@@ -5,7 +5,6 @@ import dataclasses
 import json
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -18,6 +17,7 @@ from . import weights as wio
 from .algos import ALGORITHMS, Adapter
 from .algos.base import storable_alpha
 from .config import ConfigError, NetworkConfig, validate
+from .specs import ModuleSpec
 
 logger = logging.getLogger(__name__)
 
@@ -33,19 +33,6 @@ _REGIONAL = (
     "(list it first and pass --network_merge_n_models) so that only networks.lora networks get regions.")
 
 SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"  # what sd-scripts' sdxl_train_network.py writes
-
-
-@dataclass
-class ModuleSpec:
-    """Everything needed to build one adapter."""
-
-    algo: str
-    rank: int
-    alpha: float
-    options: Dict[str, object] = field(default_factory=dict)
-    dora_axis: Optional[str] = None
-    #: (dropout, rank_dropout, module_dropout) of this module; None: the network's
-    dropouts: Optional[Tuple[Optional[float], Optional[float], Optional[float]]] = None
 
 
 def spec_from_config(cfg: NetworkConfig, target: tg.Target) -> Optional[ModuleSpec]:
@@ -103,7 +90,7 @@ class LycorisNetwork(nn.Module):
             self.block_lr_weight = blocks.lr_weights(config, self.is_sdxl)
             chosen = [(t, self._spec(t)) for t in te_targets + unet_targets]
         else:
-            layers = tg.every_layer(text_encoder, unet, self.family)  # specs come from weights.infer_specs on these
+            layers = tg.every_layer(text_encoder, unet, self.family)  # specs come from specs.infer_specs on these
             chosen = [(t, specs[n]) for n, t in layers.items() if n in specs]  # the model's order
             self.is_sdxl = blocks.is_sdxl_layout(specs)
             self.block_lr_weight = blocks.lr_weights(config, self.is_sdxl)

@@ -1,12 +1,13 @@
-"""Files: atomic safetensors save with kohya's metadata and A1111's hashes, loading, and inferring
-every module's algorithm and layout from tensor shapes alone."""
+"""Files: atomic safetensors save with kohya's metadata and A1111's hashes, and loading. What a file's
+tensors mean (algorithm, layout, deltas) is lycoris_kohya.specs' business."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
 import tempfile
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 
@@ -48,11 +49,13 @@ def current_umask() -> int:
     return mask
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """Write to a temporary file beside ``path``, fsync, then rename over it: a crash or an error
-    never leaves a half-written file. The file gets the mode an ordinary ``open(path, "w")`` would
-    give it (0o666 minus the umask: 0644 under umask 022), or the mode of the file it replaces;
-    mkstemp's own 0600 would hide the file from a UI running as another user."""
+@contextlib.contextmanager
+def atomic_target(path: str) -> Iterator[str]:
+    """A temporary path beside ``path`` to write to; on success it is fsynced, given the mode an
+    ordinary ``open(path, "w")`` would give it (0o666 minus the umask: 0644 under umask 022) or the
+    mode of the file it replaces (mkstemp's own 0600 would hide the file from a UI running as
+    another user), and renamed over ``path``; on any error removed: a crash or an error never
+    leaves a half-written file."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     try:
@@ -60,10 +63,10 @@ def write_atomic(path: str, data: bytes) -> None:
     except FileNotFoundError:
         mode = 0o666 & ~current_umask()
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
         os.replace(tmp, path)
@@ -71,6 +74,13 @@ def write_atomic(path: str, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see atomic_target)."""
+    with atomic_target(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
 
 
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> List[str]:
@@ -140,43 +150,11 @@ def load_state_dict(path: str) -> Dict[str, torch.Tensor]:
     return dict(sd)
 
 
-# ----- grouping and layout inference ------------------------------------------------------------
-def group_by_module(sd: Mapping[str, torch.Tensor]) -> Dict[str, Dict[str, torch.Tensor]]:
-    """{"lora_unet_x.lora_down.weight": t} -> {"lora_unet_x": {"lora_down.weight": t}}."""
-    out: Dict[str, Dict[str, torch.Tensor]] = {}
-    for key, t in sd.items():
-        if "." not in key:
-            raise ValueError(f"key {key!r} is not '<module>.<tensor>'")
-        name, suffix = key.split(".", 1)
-        out.setdefault(name, {})[suffix] = t
-    return out
+def load_metadata(path: str) -> Dict[str, str]:
+    """The ``__metadata__`` of a .safetensors file ({} for other formats)."""
+    if os.path.splitext(path)[1].lower() != ".safetensors":
+        return {}
+    from safetensors import safe_open
 
-
-def infer_specs(sd: Mapping[str, torch.Tensor], layers: Mapping[str, "object"]):
-    """A ModuleSpec per module of a state dict, from its tensor names and shapes alone.
-    ``layers``: key name -> Target (for the base weight's shape). Errors name the module."""
-    from .algos import ALGORITHMS, DORA_SCALE, detect
-    from .algos import dora as dora_math
-    from .algos.base import LayerGeometry
-    from .network import ModuleSpec
-
-    specs = {}
-    for name, tensors in group_by_module(sd).items():
-        if name not in layers:
-            raise ValueError(f"the weights do not fit this model: no layer for module {name!r}")
-        geometry = LayerGeometry.of(layers[name].layer)
-        algo = detect(name, tensors)
-        _, math = ALGORITHMS[algo]
-        try:
-            info = dict(math.layout(tensors, geometry))
-            axis = None
-            if DORA_SCALE in tensors:
-                axis = dora_math.axis_of(tensors[DORA_SCALE].shape, geometry.weight_shape)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
-        rank = info.pop("rank")
-        info.pop("use_alpha", None)
-        # no alpha means g = 1: store alpha = rank, which every reader turns into g = 1
-        alpha = float(tensors["alpha"]) if "alpha" in tensors else float(rank)
-        specs[name] = ModuleSpec(algo, rank, alpha, info, axis)
-    return specs
+    with safe_open(path, "pt") as f:
+        return dict(f.metadata() or {})

@@ -1,0 +1,127 @@
+"""``lycoris-kohya resize FILE --rank R [--dynamic METHOD X] --out OUT [--base MODEL]``: any file to a
+LoCon of rank <= R by truncated SVD of each module's ``g*dW``."""
+from __future__ import annotations
+
+import json
+import math
+from typing import Dict, Optional
+
+import torch
+
+from .. import specs as sp
+from . import lowrank
+from .checkpoint import Checkpoint, parse_dtype
+from .common import ToolError, check_rank, module_tensors, progress, read_adapter, save_adapter
+
+HELP = "any file (LoCon, LoHa, LoKr, DoRA) to a LoCon of rank <= R by truncated SVD"
+DESCRIPTION = HELP + """. Each module's g*dW (from the algorithm's own math) is factorised; a LoCon
+module already at rank <= R is kept as it is. kxk convolutions stored with Tucker (lora_mid, hada_t1/t2,
+lokr_t2) stay Tucker (truncated HOSVD) unless --no-tucker. DoRA: with --base, the full change W_d - W0
+of the base model is factorised into a plain LoCon (it is linear in the multiplier, so the result is
+exact at every strength up to the truncation); without --base, dora_scale is kept and g*dW, the
+direction's update, is factorised. The relative error ||D - D_r||_F / ||D||_F is measured on the
+tensors as written, per module and in total. LoHa and LoKr files store some layers as [out, in*k*k]
+without saying Linear or convolution: give --base for those."""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("resize", help=HELP, description=DESCRIPTION)
+    p.add_argument("file", help="adapter file")
+    p.add_argument("--rank", type=int, required=True, help="largest rank of the output")
+    p.add_argument("--dynamic", nargs=2, metavar=("METHOD", "X"),
+                   help="choose each module's rank (<= R) from its singular values: sv_ratio X (keep s >= s_max/X), "
+                        "sv_fro X (smallest rank keeping X of the Frobenius norm), sv_cumulative X (of the sum of s)")
+    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--base", metavar="MODEL", help="base model (diffusers folder or single file): layer shapes, "
+                   "and DoRA baked as W_d - W0")
+    p.add_argument("--no-tucker", action="store_true", help="write plain LoCon for every kxk convolution")
+    p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="output dtype (default: the input's)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=run)
+
+
+def _dynamic(args):
+    if args.dynamic is None:
+        return None
+    method, x = args.dynamic
+    try:
+        value = float(x)
+    except ValueError:
+        raise ToolError(f"--dynamic {method} {x!r}: not a number") from None
+    lowrank.check_dynamic(method, value)
+    return method, value
+
+
+def resize(path: str, rank: int, out: str, dynamic=None, base: Optional[str] = None, tucker: bool = True,
+           dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
+    check_rank(rank)
+    modules, meta = read_adapter(path)
+    ckpt = Checkpoint(base) if base else None
+    tensors: Dict[str, torch.Tensor] = {}
+    report: Dict[str, Dict[str, object]] = {}
+    dora_mode = None
+    for name, m in progress(sorted(modules.items()), "resize"):
+        w0 = None
+        if ckpt is not None:
+            target = ckpt.resolve(name)
+            if target is None:
+                raise ToolError(f"{path}: module {name} has no layer in {base}")
+            w0 = ckpt.weight(target)
+            m = m.fit(w0.shape)
+        out_dtype = dtype or next(iter(m.factors.values())).dtype
+        try:
+            if m.algo == "locon" and m.rank <= rank and dynamic is None and (m.dora_axis is None or w0 is None):
+                kept = {k: v.to(out_dtype) for k, v in m.factors.items()}
+                if m.alpha is not None:
+                    kept["alpha"] = torch.tensor(m.alpha).to(out_dtype)
+                if m.dora_scale is not None:
+                    kept["dora_scale"] = m.dora_scale
+                tensors.update(module_tensors(name, kept))
+                report[name] = {"algo": m.algo, "rank_in": m.rank, "rank": m.rank, "error": 0.0, "norm": m.norm(),
+                                "relative_error": 0.0}
+                continue
+            bound = lowrank.rank_bound(m)
+            if m.dora_axis is not None and w0 is not None:
+                d, dora_mode = m.change(w0, 1.0), "W_d - W0 of the base model, as plain LoCon"
+                bound = None
+            else:
+                d = m.delta()
+                if m.dora_axis is not None:
+                    dora_mode = "dora_scale kept, g*dW factorised"
+        except sp.ShapeUnknown as e:
+            raise ToolError(f"{path}: {e}") from None
+        f = lowrank.fit(d, rank, dynamic, tucker and m.tucker, out_dtype, bound)
+        new = dict(f.tensors)
+        if m.dora_axis is not None and w0 is None:
+            new["dora_scale"] = m.dora_scale
+        tensors.update(module_tensors(name, new))
+        report[name] = {"algo": m.algo, "rank_in": m.rank, "rank": f.rank, "error": f.error, "norm": f.norm,
+                        "relative_error": f.relative_error}
+    err2 = sum(r["error"] ** 2 for r in report.values())
+    norm2 = sum(r["norm"] ** 2 for r in report.values())
+    total = math.sqrt(err2 / norm2) if norm2 > 0 else 0.0
+    meta = dict(meta)
+    meta["ss_network_dim"] = "Dynamic" if dynamic else str(rank)
+    meta["ss_network_alpha"] = meta["ss_network_dim"]
+    meta["lycoris_kohya_resize"] = json.dumps({"from": path, "rank": rank, "dynamic": dynamic, "base": base,
+                                               "total_relative_error": total})
+    save_adapter(out, tensors, meta)
+    return {"file": path, "out": out, "modules": report, "total_relative_error": total, "dora": dora_mode}
+
+
+def print_report(r: Dict[str, object], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(r, indent=1))
+        return
+    print(f"{'module':<72}{'algo':>6}{'rank':>11}{'rel. error':>12}")
+    for name, e in r["modules"].items():
+        print(f"{name:<72}{e['algo']:>6}{e['rank_in']:>5} -> {e['rank']:<3}{e['relative_error']:>12.3e}")
+    if r.get("dora"):
+        print(f"DoRA: {r['dora']}")
+    print(f"total relative error {r['total_relative_error']:.3e} ({len(r['modules'])} modules) -> {r['out']}")
+
+
+def run(args) -> int:
+    r = resize(args.file, args.rank, args.out, _dynamic(args), args.base, not args.no_tucker, parse_dtype(args.dtype))
+    print_report(r, args.json)
+    return 0
