@@ -51,7 +51,8 @@ def reference(a, x, m, dora):
 
 
 def rel(got, want):
-    return float((got.float() - want.float()).norm() / want.float().norm().clamp_min(1e-12))
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).norm() / want.norm().clamp_min(1e-12))
 
 
 def outputs_and_grads(a, x, run, m):

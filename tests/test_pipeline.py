@@ -191,8 +191,6 @@ def test_a_file_for_another_model_is_named(tiny_sd, tmp_path):
     assert identical(pipe, before)
 
 
-@pytest.mark.xfail(strict=True, reason="stacking a LoHa/LoKr/DoRA hook over another network's hook: their merged "
-                   "forward uses the layer's weight, not the forward below it (algos/, the lead's work)")
 def test_loha_stacked_over_locon_adds_up(tiny_sd, tmp_path):
     te, unet = sd1_models(tiny_sd)
     a = save(network(te, unet, seed=1, std=0.1, algo="locon"), tmp_path / "a.safetensors")

@@ -170,7 +170,7 @@ def test_combine_others_by_svd_reports_the_measured_error(tiny_sd, tmp_path, cap
     err2 = norm2 = 0.0
     for x in net_b2.loras:
         w0 = x.layer.weight.detach()
-        want = da[x.lora_name] + (x.merged_weight(1.0, w0) - w0)
+        want = (da[x.lora_name] + (x.merged_weight(1.0, w0) - w0)).detach()
         e, n = float((got[x.lora_name] - want).norm()), float(want.norm())
         assert report["modules"][x.lora_name]["relative_error"] == pytest.approx(e / n, rel=1e-3, abs=1e-7)
         err2, norm2 = err2 + e * e, norm2 + n * n
