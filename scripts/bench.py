@@ -2,7 +2,8 @@
 """Seconds per training step (forward + backward + AdamW step) and peak memory of a U-Net with an
 adapter network, on real layer shapes, as ratios against baselines measured in the same run. Every
 configuration runs in a fresh child process (its peak resident memory, or peak CUDA memory, is its
-own); the floor is measured at the start and at the end of the run.
+own); the floor is measured before and after every row, and each row's ratios use the mean of the
+two (the machine's speed drifts during a run).
 
   floor     the frozen U-Net alone: forward + backward to its input
   kohya     sd-scripts' networks.lora on the same modules (LoCon rows; sd-scripts on PYTHONPATH)
@@ -255,14 +256,18 @@ def main(argv=None):
           f"{'torch.compile; ' if args.compile else ''}"
           f"lycoris-lora: {'yes' if have_lycoris else 'no'}; kohya networks.lora: {'yes' if have_kohya else 'no'}")
     for latent in (int(v) for v in args.latent.split(",")):
-        floor0, floor_mem, _, floor_first, err = measure("floor", None, args, latent)
+        # the machine's speed drifts (other tenants, clocks: the frozen U-Net alone moved by up to 40%
+        # within one run here), so every row is compared with the floor measured just before and
+        # just after it, each in its own process
+        before, floor_mem, _, floor_first, err = measure("floor", None, args, latent)
         if err:
             raise SystemExit(f"floor failed: {err}")
-        print(f"\n## latent {latent}: floor {floor0:.3f} s/step, {floor_mem:.0f} {unit}, first step {floor_first:.1f} s\n")
-        print(f"| network | modules | s/step | x floor | x lycoris (time above floor) | peak {unit} | x kohya mem | x lycoris mem | first step s |")
-        print("|---|---|---|---|---|---|---|---|---|")
-        kohya_mem = {}
-        lines = []
+        floors = [before]
+        print(f"\n## latent {latent}: floor {before:.3f} s/step at the start, {floor_mem:.0f} {unit}, "
+              f"first step {floor_first:.1f} s\n")
+        print(f"| network | modules | s/step | floor s/step | x floor | x lycoris (time above floor) | peak {unit} "
+              f"| x kohya mem | x lycoris mem | first step s |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for config in rows:
             _, lyc_ok, kohya_ok = CONFIGS[config]
             results = {"ours": measure("ours", config, args, latent)}
@@ -270,25 +275,27 @@ def main(argv=None):
                 results["kohya"] = measure("kohya", config, args, latent)
             if have_lycoris and lyc_ok:
                 results["lycoris"] = measure("lycoris", config, args, latent)
-            lines.append((config, results))
+            after = measure("floor", None, args, latent)[0] or before
+            floors.append(after)
+            floor = (before + after) / 2
+            before = after
             for kind in ("kohya", "ours", "lycoris"):
                 if kind not in results:
                     continue
                 t, mem, modules, first, err = results[kind]
                 label = {"ours": "lycoris_kohya", "kohya": "networks.lora", "lycoris": "lycoris-lora"}[kind]
                 if err:
-                    print(f"| {label} {config} | – | failed: {err[:80]} | | | | | | |", flush=True)
+                    print(f"| {label} {config} | – | failed: {err[:80]} | | | | | | | |", flush=True)
                     continue
                 over = ""
                 if kind == "ours" and "lycoris" in results and results["lycoris"][0]:
-                    over = f"{(t - floor0) / max(results['lycoris'][0] - floor0, 1e-9):.2f}"
+                    over = f"{(t - floor) / max(results['lycoris'][0] - floor, 1e-9):.2f}"
                 km = f"{mem / results['kohya'][1]:.2f}" if "kohya" in results and results["kohya"][1] else ""
                 lm = f"{mem / results['lycoris'][1]:.2f}" if kind == "ours" and "lycoris" in results and results["lycoris"][1] else ""
-                print(f"| {label} {config} | {modules} | {t:.3f} | {t / floor0:.2f} | {over} | {mem:.0f} | {km} | {lm} | {first:.1f} |",
-                      flush=True)
-        floor1, floor_mem1, _, _, _ = measure("floor", None, args, latent)
-        print(f"\nfloor at the end: {floor1:.3f} s/step ({floor1 / floor0:.2f} of the start), {floor_mem1:.0f} {unit}")
-
+                print(f"| {label} {config} | {modules} | {t:.3f} | {floor:.3f} | {t / floor:.2f} | {over} | {mem:.0f} | "
+                      f"{km} | {lm} | {first:.1f} |", flush=True)
+        print(f"\nfloor over the run: {min(floors):.3f} - {max(floors):.3f} s/step "
+              f"({max(floors) / min(floors):.2f}x spread); each row uses the mean of the floors around it")
 
 if __name__ == "__main__":
     main()
