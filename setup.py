@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     # loose on purpose: the plugin runs inside users' kohya environments
     install_requires=["torch>=2.1", "safetensors", "diffusers", "transformers", "accelerate", "toml", "tqdm"],
-    extras_require={"test": ["pytest", "peft"], "plot": ["matplotlib"]},
+    extras_require={"test": ["pytest", "peft", "matplotlib"], "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["lycoris-kohya=lycoris_kohya.tools.cli:main"]},
     license="Apache-2.0",
 )
