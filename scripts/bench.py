@@ -217,6 +217,15 @@ def measure(kind, config, args, latent):
     return result
 
 
+def measure_floor(args, latent):
+    """(s/step, peak memory, first step s) of the frozen U-Net alone; a failure stops the run (every
+    ratio depends on it)."""
+    t, mem, _, first, err = measure("floor", None, args, latent)
+    if err:
+        raise SystemExit(f"floor failed: {err}")
+    return t, mem, first
+
+
 def importable(module):
     try:
         __import__(module)
@@ -259,9 +268,7 @@ def main(argv=None):
         # the machine's speed drifts (other tenants, clocks: the frozen U-Net alone moved by up to 40%
         # within one run here), so every row is compared with the floor measured just before and
         # just after it, each in its own process
-        before, floor_mem, _, floor_first, err = measure("floor", None, args, latent)
-        if err:
-            raise SystemExit(f"floor failed: {err}")
+        before, floor_mem, floor_first = measure_floor(args, latent)
         floors = [before]
         print(f"\n## latent {latent}: floor {before:.3f} s/step at the start, {floor_mem:.0f} {unit}, "
               f"first step {floor_first:.1f} s\n")
@@ -275,7 +282,7 @@ def main(argv=None):
                 results["kohya"] = measure("kohya", config, args, latent)
             if have_lycoris and lyc_ok:
                 results["lycoris"] = measure("lycoris", config, args, latent)
-            after = measure("floor", None, args, latent)[0] or before
+            after = measure_floor(args, latent)[0]
             floors.append(after)
             floor = (before + after) / 2
             before = after
@@ -296,6 +303,7 @@ def main(argv=None):
                       f"{km} | {lm} | {first:.1f} |", flush=True)
         print(f"\nfloor over the run: {min(floors):.3f} - {max(floors):.3f} s/step "
               f"({max(floors) / min(floors):.2f}x spread); each row uses the mean of the floors around it")
+
 
 if __name__ == "__main__":
     main()
