@@ -140,7 +140,7 @@ def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Op
     ka, kb, _ = khatri_rao({k: v.float() for k, v in t.items()})  # [out, R], [R, in*k]
     w = w0.flatten(1).float()
     if axis == "input":
-        return ((w.T @ ka) * kb.T).sum(1), ((ka.T @ ka @ kb) * kb).sum(0)
+        return ((ka.T @ w) * kb).sum(0), ((ka.T @ ka @ kb) * kb).sum(0)  # KA^T W0: see locon.dora_terms
     return ((w @ kb.T) * ka).sum(1), ((ka @ (kb @ kb.T)) * ka).sum(1)
 
 

@@ -155,7 +155,12 @@ def apply(t: Mapping[str, torch.Tensor], x: torch.Tensor, g: LayerGeometry, out_
             if hidden is not None:
                 h = hidden(h, h.dim() - 1)
             h = F.linear(h, t[W2A].to(dt))
-        return torch.matmul(w1, h).flatten(-2)  # [..., a, b] -> a*b
+        # mix by w1 as one [a, c] x [c, N*b] product (a batch of N tiny products runs several times
+        # slower); [a, N, b] -> [..., a*b]
+        lead, bb = h.shape[:-2], h.shape[-1]
+        h = h.reshape(-1, c, bb)
+        y = (w1 @ h.transpose(0, 1).reshape(c, -1)).reshape(a, -1, bb)
+        return y.transpose(0, 1).reshape(*lead, a * bb)
     n = x.shape[0]
     h = x.reshape(n * c, d, *x.shape[2:])
     if W2 in t:
@@ -211,14 +216,19 @@ def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Tu
     t = {k: v.float() for k, v in t.items()}
     g = LayerGeometry(w0.shape[0], w0.shape[1], tuple(w0.shape[2:]))
     a, b, c, d = _dims(t, g)
-    w1, w2 = _w1(t), _w2_dense(t, g)  # [a, c], [b, d, k]
-    w0r = w0.float().reshape(a, b, c, d, -1)
-    # broadcast-multiply-and-sum reads W0 in place (einsum permutes a copy of it first)
-    if axis == "input":  # inner[i,k,x] = sum_pq W0[p,q,i,k,x] w1[p,i] w2[q,k,x]
-        inner = ((w0r * w1[:, None, :, None, None]).sum(0) * w2[:, None]).sum(0).reshape(-1)
+    w1, w2 = _w1(t), _w2_dense(t, g)  # [a, c], [b, d*k]
+    dk = w2.shape[1] * w2.shape[2]
+    w = w0.float().contiguous().reshape(a * b, c * dk)  # W[p,q,i,x] at p*b*c*dk + q*c*dk + i*dk + x
+    # each term is a batch of small matmuls over a view of W0 in place: one read forward and one in
+    # backward, no W0-sized temporaries (broadcast products made several)
+    if axis == "input":  # S[q,i,x] = sum_p w1[p,i] W[p,q,i,x]: batch (q,i) has stride dk
+        view = w.as_strided((b * c, a, dk), (dk, b * c * dk, 1))
+        lhs = w1.T[None, :, None, :].expand(b, c, 1, a).reshape(b * c, 1, a)
+        inner = (torch.bmm(lhs, view).reshape(b, c, dk) * w2.reshape(b, 1, dk)).sum(0).reshape(-1)
         sq = (w1.pow(2).sum(0)[:, None, None] * w2.pow(2).sum(0)[None]).reshape(-1)
-    else:  # inner[p,q] = sum_ikx W0[p,q,i,k,x] w1[p,i] w2[q,k,x]
-        inner = ((w0r * w2[None, :, None]).sum((3, 4)) * w1[:, None, :]).sum(2).reshape(-1)
+    else:  # R[p,q,x] = sum_i w1[p,i] W[p,q,i,x]: batch (p,q) is a row of W
+        lhs = w1[:, None, None, :].expand(a, b, 1, c).reshape(a * b, 1, c)
+        inner = (torch.bmm(lhs, w.reshape(a * b, c, dk)).reshape(a, b, dk) * w2.reshape(1, b, dk)).sum(2).reshape(-1)
         sq = (w1.pow(2).sum(1)[:, None] * w2.pow(2).sum((1, 2))[None]).reshape(-1)
     return inner, sq
 
