@@ -2,8 +2,10 @@
 """Seconds per training step (forward + backward + AdamW step) and peak memory of a U-Net with an
 adapter network, on real layer shapes, as ratios against baselines measured in the same run. Every
 configuration runs in a fresh child process (its peak resident memory, or peak CUDA memory, is its
-own); the floor is measured before and after every row, and each row's ratios use the mean of the
-two (the machine's speed drifts during a run).
+own, read before anything else is built). Its speed is compared with a floor measured in the same
+process: after its own steps, a second, identical frozen U-Net is built and the two alternate step
+by step, so that machine drift (the floor alone moved by 30-45% within one run on a shared 2-core
+machine, and by 2x between neighbouring seconds) hits both sides of each ratio alike.
 
   floor     the frozen U-Net alone: forward + backward to its input
   kohya     sd-scripts' networks.lora on the same modules (LoCon rows; sd-scripts on PYTHONPATH)
@@ -137,15 +139,20 @@ def build(kind: str, config: str, unet, args):
     return net
 
 
-def run_one(kind, config, args, latent):
-    """(median seconds per step, modules) of one configuration, in this process."""
+def _peak_memory(device):
+    import resource
+
     import torch
 
-    torch.set_num_threads(args.threads)
-    # AdamW's second moments of tiny gradients are denormal floats, which x86 CPUs compute ~100x
-    # slower; whichever network has them first would look slow (GPUs flush them anyway)
-    torch.set_flush_denormal(True)
-    unet = make_unet(args.shape).to(args.device)
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+
+
+def _stepper(kind, config, args, latent, unet):
+    """(step function, modules) of one configuration on this U-Net."""
+    import torch
+
     x, t, enc, kw = inputs(args.shape, latent, args.batch, args.device)
     net = build(kind, config, unet, args)
     max_norm = CONFIGS[config][0].get("scale_weight_norms") if config else None
@@ -157,10 +164,10 @@ def run_one(kind, config, args, latent):
         opt = torch.optim.AdamW(params, lr=1e-4)
         net.train()
         modules = len(getattr(net, "unet_loras", []))
-
     model = torch.compile(unet) if args.compile else unet
 
     def step():
+        t0 = time.perf_counter()
         out = model(inp, t, enc, **kw).sample
         out.float().square().mean().backward()
         if opt is not None:
@@ -170,38 +177,46 @@ def run_one(kind, config, args, latent):
                 net.apply_max_norm_regularization(max_norm, args.device)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    step()  # the first step compiles under --compile
-    first = time.perf_counter() - t0
+    return step, modules
+
+
+def run_one(kind, config, args, latent):
+    """One configuration, in this process: its steps alone (first step, peak memory), then, for a
+    network, its steps alternated with the frozen U-Net's own (a second, identical U-Net built after
+    the peak was read), so that each adapter step has a floor step measured seconds from it."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    # AdamW's second moments of tiny gradients are denormal floats, which x86 CPUs compute ~100x
+    # slower; whichever network has them first would look slow (GPUs flush them anyway)
+    torch.set_flush_denormal(True)
+    step, modules = _stepper(kind, config, args, latent, make_unet(args.shape).to(args.device))
+    first = step()  # the first step compiles under --compile
     for _ in range(args.warmup - 1):
         step()
-    times = []
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), modules, first
+    alone = [step() for _ in range(args.steps)]
+    peak = _peak_memory(args.device)
+    if kind == "floor":
+        return {"t": statistics.median(alone), "floor": None, "modules": 0, "first": first, "peak": peak}
+    floor_step, _ = _stepper("floor", None, args, latent, make_unet(args.shape).to(args.device))
+    for _ in range(args.warmup):
+        floor_step()
+    pairs = [(floor_step(), step()) for _ in range(args.steps)]
+    return {"t": statistics.median(a for _, a in pairs), "floor": statistics.median(f for f, _ in pairs),
+            "modules": modules, "first": first, "peak": peak}
 
 
 def _child(conn, kind, config, args, latent):
-    import resource
-
-    import torch
-
     if not args.verbose:  # the libraries' logs would interleave with the table
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, 1)
         os.dup2(devnull, 2)
     try:
-        t, modules, first = run_one(kind, config, args, latent)
-        if args.device.startswith("cuda"):
-            peak = torch.cuda.max_memory_allocated() / 2**20
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
-        conn.send((t, peak, modules, first, None))
+        conn.send((run_one(kind, config, args, latent), None))
     except Exception as e:  # reported as a row, not a crash of the whole run
-        conn.send((None, None, None, None, f"{type(e).__name__}: {e}"))
+        conn.send((None, f"{type(e).__name__}: {e}"))
     conn.close()
 
 
@@ -218,12 +233,11 @@ def measure(kind, config, args, latent):
 
 
 def measure_floor(args, latent):
-    """(s/step, peak memory, first step s) of the frozen U-Net alone; a failure stops the run (every
-    ratio depends on it)."""
-    t, mem, _, first, err = measure("floor", None, args, latent)
+    """The frozen U-Net alone in its own process; a failure stops the run."""
+    r, err = measure("floor", None, args, latent)
     if err:
         raise SystemExit(f"floor failed: {err}")
-    return t, mem, first
+    return r
 
 
 def importable(module):
@@ -242,7 +256,7 @@ def main(argv=None):
     p.add_argument("--dim", type=int, default=8)
     p.add_argument("--alpha", type=float, default=4.0)
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=4, help="timed steps, and alternated floor/network pairs")
     p.add_argument("--warmup", type=int, default=2,
                    help="steps before timing (the first ones are slow: AdamW's state starts at zero, and "
                         "squares of tiny gradients are denormal floats for a step or two)")
@@ -265,13 +279,9 @@ def main(argv=None):
           f"{'torch.compile; ' if args.compile else ''}"
           f"lycoris-lora: {'yes' if have_lycoris else 'no'}; kohya networks.lora: {'yes' if have_kohya else 'no'}")
     for latent in (int(v) for v in args.latent.split(",")):
-        # the machine's speed drifts (other tenants, clocks: the frozen U-Net alone moved by up to 40%
-        # within one run here), so every row is compared with the floor measured just before and
-        # just after it, each in its own process
-        before, floor_mem, floor_first = measure_floor(args, latent)
-        floors = [before]
-        print(f"\n## latent {latent}: floor {before:.3f} s/step at the start, {floor_mem:.0f} {unit}, "
-              f"first step {floor_first:.1f} s\n")
+        start = measure_floor(args, latent)
+        print(f"\n## latent {latent}: floor {start['t']:.3f} s/step at the start, {start['peak']:.0f} {unit}, "
+              f"first step {start['first']:.1f} s\n")
         print(f"| network | modules | s/step | floor s/step | x floor | x lycoris (time above floor) | peak {unit} "
               f"| x kohya mem | x lycoris mem | first step s |")
         print("|---|---|---|---|---|---|---|---|---|---|")
@@ -282,27 +292,26 @@ def main(argv=None):
                 results["kohya"] = measure("kohya", config, args, latent)
             if have_lycoris and lyc_ok:
                 results["lycoris"] = measure("lycoris", config, args, latent)
-            after = measure_floor(args, latent)[0]
-            floors.append(after)
-            floor = (before + after) / 2
-            before = after
+            ok = {k: r for k, (r, err) in results.items() if not err}
             for kind in ("kohya", "ours", "lycoris"):
                 if kind not in results:
                     continue
-                t, mem, modules, first, err = results[kind]
                 label = {"ours": "lycoris_kohya", "kohya": "networks.lora", "lycoris": "lycoris-lora"}[kind]
+                r, err = results[kind]
                 if err:
                     print(f"| {label} {config} | – | failed: {err[:80]} | | | | | | | |", flush=True)
                     continue
+                x = r["t"] / r["floor"]
                 over = ""
-                if kind == "ours" and "lycoris" in results and results["lycoris"][0]:
-                    over = f"{(t - floor) / max(results['lycoris'][0] - floor, 1e-9):.2f}"
-                km = f"{mem / results['kohya'][1]:.2f}" if "kohya" in results and results["kohya"][1] else ""
-                lm = f"{mem / results['lycoris'][1]:.2f}" if kind == "ours" and "lycoris" in results and results["lycoris"][1] else ""
-                print(f"| {label} {config} | {modules} | {t:.3f} | {floor:.3f} | {t / floor:.2f} | {over} | {mem:.0f} | "
-                      f"{km} | {lm} | {first:.1f} |", flush=True)
-        print(f"\nfloor over the run: {min(floors):.3f} - {max(floors):.3f} s/step "
-              f"({max(floors) / min(floors):.2f}x spread); each row uses the mean of the floors around it")
+                if kind == "ours" and "lycoris" in ok:  # in ratios: each process has its own floor
+                    over = f"{(x - 1) / max(ok['lycoris']['t'] / ok['lycoris']['floor'] - 1, 1e-9):.2f}"
+                km = f"{r['peak'] / ok['kohya']['peak']:.2f}" if "kohya" in ok else ""
+                lm = f"{r['peak'] / ok['lycoris']['peak']:.2f}" if kind == "ours" and "lycoris" in ok else ""
+                print(f"| {label} {config} | {r['modules']} | {r['t']:.3f} | {r['floor']:.3f} | {x:.2f} | {over} | "
+                      f"{r['peak']:.0f} | {km} | {lm} | {r['first']:.1f} |", flush=True)
+        end = measure_floor(args, latent)
+        print(f"\nfloor alone at the start and end: {start['t']:.3f}, {end['t']:.3f} s/step; each row's ratios use "
+              f"floor steps alternated with its own steps in the same process")
 
 
 if __name__ == "__main__":

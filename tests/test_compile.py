@@ -12,7 +12,7 @@ from test_algorithms import ToyUNet
 
 CASES = [
     ("locon", {}), ("locon", {"use_tucker": "true"}), ("loha", {}), ("lokr", {}), ("lokr", {"use_tucker": "true"}),
-    ("locon", {"dora_wd": "true"}), ("lokr", {"dora_wd": "true", "wd_on_output": "true"}),
+    ("locon", {"dora_wd": "true"}), ("lokr", {"dora_wd": "true"}), ("lokr", {"dora_wd": "true", "wd_on_output": "true"}),
     ("loha", {"dora_wd": "true"}),
     ("locon", {"forward_path": "fold"}), ("lokr", {"forward_path": "fold", "dora_wd": "true"}),
     ("loha", {"rank_dropout": "0.3", "module_dropout": "0.2", "dropout": "0.1"}),
