@@ -45,6 +45,8 @@ CONFIGS = {
     "lokr_conv": ({"algo": "lokr", "preset": "default", "conv_dim": 8, "conv_alpha": 4}, True, False),
     "locon_dora": ({"algo": "locon", "dora_wd": True}, True, False),
     "locon_dora_out": ({"algo": "locon", "dora_wd": True, "wd_on_output": True}, True, False),
+    "locon_dora_detach": ({"algo": "locon", "dora_wd": True, "dora_detach_norm": True}, False, False),
+    "lokr_dora_detach": ({"algo": "lokr", "dora_wd": True, "dora_detach_norm": True}, False, False),
     "loha_dora": ({"algo": "loha", "dora_wd": True}, True, False),
     "loha_dora_out": ({"algo": "loha", "dora_wd": True, "wd_on_output": True}, True, False),
     "lokr_dora": ({"algo": "lokr", "dora_wd": True}, True, False),
@@ -54,7 +56,7 @@ CONFIGS = {
     "lokr_maxnorm": ({"algo": "lokr", "scale_weight_norms": 1.0}, True, False),
     "loha_maxnorm": ({"algo": "loha", "scale_weight_norms": 1.0}, True, False),
 }
-DEFAULT_ROWS = "locon,locon_conv,loha,lokr,locon_dora,loha_dora,lokr_dora"
+DEFAULT_ROWS = "locon,locon_conv,loha,lokr,locon_dora,loha_dora,lokr_dora,locon_dora_detach"
 
 LYCORIS_PRESETS = {
     "attn-mlp": '''unet_target_module = ["Transformer2DModel"]\nunet_target_name = []\n'''

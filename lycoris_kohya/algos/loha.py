@@ -89,23 +89,24 @@ def apply(t: Mapping[str, torch.Tensor], x: torch.Tensor, g: LayerGeometry, out_
           hidden: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
     """out_scale * dW(x) as a rank-r1*r2 path, without building dW. ``hidden(h, dim)`` sees the
     rank activation viewed with the components (rows of hada_w2_b) along ``dim``."""
-    ka, kb, core = khatri_rao(t, x.dtype)
+    # out_scale goes on hada_w1_a ([out, r]), not on KA ([out, r1*r2]): r2 times less to scale
+    ka, kb, core = khatri_rao({**t, W1A: t[W1A] * out_scale}, x.dtype)
     r1, r2 = t[W1B].shape[0], t[W2B].shape[0]
     if not g.is_conv:
         h = F.linear(x, kb)
         if hidden is not None:
             h = hidden(h.unflatten(-1, (r1, r2)), h.dim()).flatten(-2)
-        return F.linear(h, ka * out_scale)
+        return F.linear(h, ka)
     if core is None:
         h = F.conv2d(x, kb.reshape(r1 * r2, g.in_dim, *g.kernel), None, g.stride, g.padding, g.dilation)
         if hidden is not None:
             h = hidden(h.unflatten(1, (r1, r2)), 2).flatten(1, 2)
-        return F.conv2d(h, (ka * out_scale)[:, :, None, None])
+        return F.conv2d(h, ka[:, :, None, None])
     h = F.conv2d(x, kb[:, :, None, None])  # channels (q1, q2): q2 indexes the rows of hada_w2_b
     if hidden is not None:
         h = hidden(h.unflatten(1, (r1, r2)), 2).flatten(1, 2)
     h = F.conv2d(h, core, None, g.stride, g.padding, g.dilation)
-    return F.conv2d(h, (ka.T * out_scale)[:, :, None, None])
+    return F.conv2d(h, ka.T[:, :, None, None])
 
 
 def costs(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Tuple[int, int]:
