@@ -185,8 +185,8 @@ def _stepper(kind, config, args, latent, unet):
 
 
 def run_one(kind, config, args, latent):
-    """One configuration, in this process: its steps alone (first step, peak memory), then, for a
-    network, its steps alternated with the frozen U-Net's own (a second, identical U-Net built after
+    """One configuration, in this process: its warm-up steps alone (first step, peak memory), then, for
+    a network, its timed steps alternated with the frozen U-Net's own (a second, identical U-Net built after
     the peak was read), so that each adapter step has a floor step measured seconds from it."""
     import torch
 
@@ -198,7 +198,9 @@ def run_one(kind, config, args, latent):
     first = step()  # the first step compiles under --compile
     for _ in range(args.warmup - 1):
         step()
-    alone = [step() for _ in range(args.steps)]
+    # a network's timed steps are the paired ones below: alone it only warms up (its peak is reached
+    # by then: the optimizer state exists after the first step)
+    alone = [step() for _ in range(args.steps)] if kind == "floor" else []
     peak = _peak_memory(args.device)
     if kind == "floor":
         return {"t": statistics.median(alone), "floor": None, "modules": 0, "first": first, "peak": peak}
