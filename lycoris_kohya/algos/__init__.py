@@ -1,5 +1,5 @@
 """The algorithms, by name. Each entry pairs an Adapter class with its math module (``SUFFIXES``,
-``delta``, ``layout``, ``apply``, ``costs``, ``norm_sq``, ``dora_terms``, ``components``)."""
+``delta``, ``layout``, ``apply``, ``costs``, ``norm_sq``, ``dora_shift``, ``components``)."""
 from __future__ import annotations
 
 from types import ModuleType

@@ -9,8 +9,9 @@ An algorithm is two things kept side by side in its own file:
       - ``apply(t, x, geometry, out_scale, hidden)``: the same linear map as ``delta`` applied to x
         without building dW (low-rank LoCon, Khatri-Rao LoHa, Kronecker LoKr): a second, tested
         implementation, because building dW costs as much as the layer at small latents;
-      - ``costs``, ``norm_sq``, ``dora_terms``, ``components``: the cost model, ||dW||^2 and the
-        DoRA norm terms from factor identities, and which slices are the "rank components".
+      - ``costs``, ``norm_sq``, ``dora_shift``, ``components``: the cost model, ||dW||^2, what DoRA's
+        squared norms gain over ||W0||^2 (2g<W0,dW> + g^2||dW||^2), both from factor identities, and
+        which slices are the "rank components".
   * an ``Adapter`` subclass that owns the trainable tensors.
 
 The forward of every adapter composes with whatever forward was installed on the layer before it
@@ -527,14 +528,13 @@ class Adapter(nn.Module):
         axis, g = self.dora_axis, self.geometry
         gain = self._gain()
         with no_autocast(base.device.type):
-            terms = self.math.dora_terms(t, base, axis)
-            if terms is not None:
-                inner, sq = terms
+            shift = self.math.dora_shift(t, base, axis, gain)
+            if shift is not None:
                 if axis == dora_math.INPUT and g.is_conv:  # flattened columns (in, kh, kw) -> in
-                    inner, sq = inner.reshape(g.in_dim, -1).sum(1), sq.reshape(g.in_dim, -1).sum(1)
+                    shift = shift.reshape(g.in_dim, -1).sum(1)
                 w0_sq = self._w0_sq(base) if base is self.layer.weight else \
                     dora_math.weight_norm(base, axis).pow(2).flatten()
-                n = (w0_sq + 2 * gain * inner + gain * gain * sq).clamp_min(1e-24).sqrt()
+                n = (w0_sq + shift).clamp_min(1e-24).sqrt()
             else:
                 names = list(t)
 

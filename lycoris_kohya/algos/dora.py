@@ -59,6 +59,14 @@ def direction_factor(
     return magnitude.reshape(n.shape) / n
 
 
+def shift(products: torch.Tensor, a: torch.Tensor, b: torch.Tensor, gain) -> torch.Tensor:
+    """2*gain*(a @ b) + gain^2 * products: the terms of ||W0 + g*dW||^2 - ||W0||^2 before the last
+    elementwise product with a factor, as one addmm when gain is a number (a tensor with use_scalar)."""
+    if isinstance(gain, torch.Tensor):
+        return 2 * gain * (a @ b) + gain * gain * products
+    return torch.addmm(products, a, b, beta=gain * gain, alpha=2 * gain)
+
+
 def merge(
     w0: torch.Tensor, scaled_delta: torch.Tensor, magnitude: torch.Tensor, axis: str, multiplier: float,
     detach_norm: bool = False,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora as dora_math
 from .base import Adapter, LayerGeometry, kaiming
 
 DOWN, UP, MID = "lora_down.weight", "lora_up.weight", "lora_mid.weight"
@@ -104,9 +105,10 @@ def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
     return ((gu @ m) * (m @ gd)).sum()
 
 
-def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(<W0, dW>, ||dW||^2) per column of the flattened [out, in*k] weight (input axis) or per row
-    (output axis), from W0^T U / W0 D^T and the r x r Gram matrices, without building dW."""
+def dora_shift(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str, gain) -> Optional[torch.Tensor]:
+    """||W0 + gain*dW||^2 - ||W0||^2 = 2*gain*<W0, dW> + gain^2*||dW||^2 per column of the flattened
+    [out, in*k] weight (input axis) or per row (output axis), from U^T W0 / W0 D^T and the r x r Gram
+    matrices, without building dW; None for Tucker."""
     if MID in t:
         return None
     u, d = t[UP].flatten(1).float(), t[DOWN].flatten(1).float()  # [out, r], [r, in*k]
@@ -114,12 +116,8 @@ def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Op
     if axis == "input":
         # U^T W0 rather than W0^T U: the same product, but BLAS reads the row-major W0 untransposed,
         # about twice as fast for a skinny r (and backward's (grad) W0^T is the layer's own forward op)
-        inner = ((u.T @ w) * d).sum(0)
-        sq = ((u.T @ u @ d) * d).sum(0)
-    else:
-        inner = ((w @ d.T) * u).sum(1)
-        sq = ((u @ (d @ d.T)) * u).sum(1)
-    return inner, sq
+        return (dora_math.shift(u.T @ u @ d, u.T, w, gain) * d).sum(0)
+    return (dora_math.shift(u @ (d @ d.T), w, d.T, gain) * u).sum(1)
 
 
 # ----- the trainable adapter -----------------------------------------------------------------

@@ -7,7 +7,7 @@ Stored tensors:
   Conv (Tucker)     hada_w1_a, hada_w2_a [r, out]     hada_w1_b, hada_w2_b [r, in]
                     hada_t1, hada_t2 [r, r, kh, kw]   W_i[o,c,h,w] = sum_pq t_i[p,q,h,w] a_i[p,o] b_i[q,c]
 
-Structured form: (A1 B1) * (A2 B2) = KA @ KB with KA[:, i*r2+j] = A1[:, i] * A2[:, j] and
+Structured form: (A1 B1) * (A2 B2) = KA^T @ KB with KA[i*r2+j, :] = A1[:, i] * A2[:, j] and
 KB[i*r2+j, :] = B1[i, :] * B2[j, :] (row-wise Khatri-Rao products), a low-rank map of rank r1*r2.
 With Tucker the same holds mode by mode: the core is the Kronecker product of t1 and t2.
 Rank components (what rank_dropout drops): the rows of ``hada_w2_b`` (index j above).
@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import dora as dora_math
 from .base import Adapter, LayerGeometry
 
 W1A, W1B, W2A, W2B, T1, T2 = "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"
@@ -69,17 +70,20 @@ def components(t: Mapping[str, torch.Tensor]) -> Tuple[str, int]:
 
 
 def khatri_rao(t: Mapping[str, torch.Tensor], dtype=None) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """(KA, KB, core): dW = KA @ KB (flattened) or, with Tucker, the CP form with the Kronecker core.
-    Non-Tucker: KA [out, r1*r2], KB [r1*r2, in*k]. Tucker: KA [r1*r2, out], KB [r1*r2, in],
-    core [r1*r2, r1*r2, kh, kw]."""
+    """(KA, KB, core), KA [R, out] and KB [R, in*k] (non-Tucker) or [R, in] (Tucker), R = r1*r2, row
+    i*r2+j from component i of the first half and j of the second: dW = KA^T @ KB (flattened) or, with
+    Tucker, the CP form with the Kronecker core [R, R, kh, kw]. Both are built with the long axis
+    innermost: an [out, r1, r2] layout, or strided reads of the stored [out, r] factors, ran the
+    elementwise passes 8 wide and cost several times more (build and backward)."""
     a1, b1, a2, b2 = (t[k] if dtype is None else t[k].to(dtype) for k in (W1A, W1B, W2A, W2B))
-    if T1 not in t:
-        ka = (a1[:, :, None] * a2[:, None, :]).flatten(1)
-        kb = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)
-        return ka, kb, None
-    t1, t2 = (t[k] if dtype is None else t[k].to(dtype) for k in (T1, T2))
+    tucker = T1 in t
+    if not tucker:  # stored [out, r]; a contiguous [r, out] copy makes the product's loops long
+        a1, a2 = a1.T.contiguous(), a2.T.contiguous()
     ka = (a1[:, None, :] * a2[None, :, :]).flatten(0, 1)
     kb = (b1[:, None, :] * b2[None, :, :]).flatten(0, 1)
+    if not tucker:
+        return ka, kb, None
+    t1, t2 = (t[k] if dtype is None else t[k].to(dtype) for k in (T1, T2))
     r1, r2 = t1.shape[0], t2.shape[0]
     core = (t1[:, None, :, None] * t2[None, :, None, :]).reshape(r1 * r2, r1 * r2, *t1.shape[2:])
     return ka, kb, core
@@ -89,19 +93,19 @@ def apply(t: Mapping[str, torch.Tensor], x: torch.Tensor, g: LayerGeometry, out_
           hidden: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
     """out_scale * dW(x) as a rank-r1*r2 path, without building dW. ``hidden(h, dim)`` sees the
     rank activation viewed with the components (rows of hada_w2_b) along ``dim``."""
-    # out_scale goes on hada_w1_a ([out, r]), not on KA ([out, r1*r2]): r2 times less to scale
+    # out_scale goes on hada_w1_a ([out, r]), not on KA ([r1*r2, out]): r2 times less to scale
     ka, kb, core = khatri_rao({**t, W1A: t[W1A] * out_scale}, x.dtype)
     r1, r2 = t[W1B].shape[0], t[W2B].shape[0]
     if not g.is_conv:
         h = F.linear(x, kb)
         if hidden is not None:
             h = hidden(h.unflatten(-1, (r1, r2)), h.dim()).flatten(-2)
-        return F.linear(h, ka)
+        return h @ ka
     if core is None:
         h = F.conv2d(x, kb.reshape(r1 * r2, g.in_dim, *g.kernel), None, g.stride, g.padding, g.dilation)
         if hidden is not None:
             h = hidden(h.unflatten(1, (r1, r2)), 2).flatten(1, 2)
-        return F.conv2d(h, ka[:, :, None, None])
+        return F.conv2d(h, ka.T[:, :, None, None])
     h = F.conv2d(x, kb[:, :, None, None])  # channels (q1, q2): q2 indexes the rows of hada_w2_b
     if hidden is not None:
         h = hidden(h.unflatten(1, (r1, r2)), 2).flatten(1, 2)
@@ -124,25 +128,25 @@ def costs(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Tuple[int, int]:
 
 def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
     """||dW||_F^2 from R x R Gram matrices of the Khatri-Rao factors (R = r1*r2), never building dW:
-    sum((KA^T KA) * (KB KB^T)); with Tucker, per kernel position sum(((KA KA^T) C_hw) * (C_hw (KB KB^T)))."""
+    sum((KA KA^T) * (KB KB^T)); with Tucker, per kernel position sum(((KA KA^T) C_hw) * (C_hw (KB KB^T)))."""
     ka, kb, core = khatri_rao(t)
     if core is None:
-        return ((ka.T @ ka) * (kb @ kb.T)).sum()
+        return ((ka @ ka.T) * (kb @ kb.T)).sum()
     c = core.permute(2, 3, 0, 1)  # [kh, kw, R, R]
     return (((ka @ ka.T) @ c) * (c @ (kb @ kb.T))).sum()
 
 
-def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(<W0, dW>, ||dW||^2) per column of the flattened [out, in*k] weight (input axis) or per row
-    (output axis) from the Khatri-Rao factors: W0^T KA (one matmul of rank r1*r2, several times
-    cheaper than forming dW and its elementwise passes) and R x R Gram matrices. None for Tucker."""
+def dora_shift(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str, gain) -> Optional[torch.Tensor]:
+    """||W0 + gain*dW||^2 - ||W0||^2 per column of the flattened [out, in*k] weight (input axis) or per
+    row (output axis) from the Khatri-Rao factors: KA W0 or W0 KB^T (one matmul of rank r1*r2, several
+    times cheaper than forming dW and its elementwise passes) and R x R Gram matrices. None for Tucker."""
     if T1 in t:
         return None
-    ka, kb, _ = khatri_rao({k: v.float() for k, v in t.items()})  # [out, R], [R, in*k]
+    ka, kb, _ = khatri_rao({k: v.float() for k, v in t.items()})  # [R, out], [R, in*k]
     w = w0.flatten(1).float()
-    if axis == "input":
-        return ((ka.T @ w) * kb).sum(0), ((ka.T @ ka @ kb) * kb).sum(0)  # KA^T W0: see locon.dora_terms
-    return ((w @ kb.T) * ka).sum(1), ((ka @ (kb @ kb.T)) * ka).sum(1)
+    if axis == "input":  # KA W0 reads W0 untransposed
+        return (dora_math.shift(ka @ ka.T @ kb, ka, w, gain) * kb).sum(0)
+    return (dora_math.shift(ka.T @ (kb @ kb.T), w, kb.T, gain) * ka.T).sum(1)
 
 
 # ----- the trainable adapter -----------------------------------------------------------------

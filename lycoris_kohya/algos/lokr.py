@@ -210,9 +210,10 @@ def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
     return _w1(t).pow(2).sum() * _w2_dense(t, g).pow(2).sum()
 
 
-def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(<W0, dW>, ||dW||^2) per column of the flattened [out, in*k] weight (input axis) or per row
-    (output axis), with one pass over W0 and no Kronecker product."""
+def dora_shift(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str, gain) -> torch.Tensor:
+    """||W0 + gain*dW||^2 - ||W0||^2 = 2*gain*<W0, dW> + gain^2*||dW||^2 per column of the flattened
+    [out, in*k] weight (input axis) or per row (output axis), with one pass over W0 and no Kronecker
+    product."""
     t = {k: v.float() for k, v in t.items()}
     g = LayerGeometry(w0.shape[0], w0.shape[1], tuple(w0.shape[2:]))
     a, b, c, d = _dims(t, g)
@@ -230,7 +231,7 @@ def dora_terms(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str) -> Tu
         lhs = w1[:, None, None, :].expand(a, b, 1, c).reshape(a * b, 1, c)
         inner = (torch.bmm(lhs, w.reshape(a * b, c, dk)).reshape(a, b, dk) * w2.reshape(1, b, dk)).sum(2).reshape(-1)
         sq = (w1.pow(2).sum(1)[:, None] * w2.pow(2).sum((1, 2))[None]).reshape(-1)
-    return inner, sq
+    return 2 * gain * inner + gain * gain * sq
 
 
 # ----- the trainable adapter -----------------------------------------------------------------
