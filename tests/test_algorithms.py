@@ -46,6 +46,8 @@ LAYOUTS = {
     "loha": {"algo": "loha"},
     "loha_tucker": {"algo": "loha", "use_tucker": "true"},
     "loha_scalar": {"algo": "loha", "use_scalar": "true"},
+    # rank 8: lin_odd's 4 tokens take LoHa's few-token path, lin's 15 the Khatri-Rao one
+    "loha_rank8": {"algo": "loha", "dim_override": 8},
     "lokr": {"algo": "lokr"},
     "lokr_decompose_both": {"algo": "lokr", "decompose_both": "true"},
     "lokr_full_matrix": {"algo": "lokr", "full_matrix": "true"},

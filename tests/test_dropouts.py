@@ -76,6 +76,30 @@ def test_rank_dropout_drops_components_per_sample(kind, conv):
         assert torch.allclose(layer(one), subset_outputs(a, layer, one, kind, 0.0)[(1.0,) * len(next(iter(options)))], atol=1e-5)
 
 
+def test_loha_rank_dropout_per_sample_on_its_few_token_path():
+    """LoHa at no more tokens than its rank (1 token per sample, 4 samples, rank 4) takes the path
+    without Khatri-Rao factors; rank dropout there is still one mask per sample."""
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 6)
+    a = lycoris_kohya.algos.ALGORITHMS["loha"][0]("lora_x", layer, rank=4, alpha=2.0, forward_path="structured",
+                                                   rank_dropout=0.5)
+    randomize(a, seed=3, std=0.3)
+    a.apply_to()
+    a.train()
+    one = torch.randn(1, 1, 8)
+    options = subset_outputs(a, layer, one, "loha", 0.5)
+    seen = set()
+    for _ in range(8):
+        x = one.repeat(4, 1, 1)  # 4 tokens in all: <= r2 = 4
+        with torch.no_grad():
+            y = layer(x)
+        for i in range(4):
+            match = [k for k, v in options.items() if torch.allclose(y[i:i + 1], v, atol=1e-5)]
+            assert match, f"sample {i}: not the output of any subset of components"
+            seen.add(match[0])
+    assert len(seen) > 4, "samples did not get masks of their own"
+
+
 @pytest.mark.parametrize("kind", ["locon", "loha", "lokr"])
 def test_rank_dropout_with_dora_is_one_mask_per_step(kind):
     torch.manual_seed(0)

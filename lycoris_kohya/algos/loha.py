@@ -93,9 +93,11 @@ def apply(t: Mapping[str, torch.Tensor], x: torch.Tensor, g: LayerGeometry, out_
           hidden: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None) -> torch.Tensor:
     """out_scale * dW(x) as a rank-r1*r2 path, without building dW. ``hidden(h, dim)`` sees the
     rank activation viewed with the components (rows of hada_w2_b) along ``dim``."""
+    r1, r2 = t[W1B].shape[0], t[W2B].shape[0]
+    if not g.is_conv and x.numel() <= r2 * g.in_dim:
+        return _apply_few_tokens(t, x, out_scale, hidden)
     # out_scale goes on hada_w1_a ([out, r]), not on KA ([r1*r2, out]): r2 times less to scale
     ka, kb, core = khatri_rao({**t, W1A: t[W1A] * out_scale}, x.dtype)
-    r1, r2 = t[W1B].shape[0], t[W2B].shape[0]
     if not g.is_conv:
         h = F.linear(x, kb)
         if hidden is not None:
@@ -111,6 +113,20 @@ def apply(t: Mapping[str, torch.Tensor], x: torch.Tensor, g: LayerGeometry, out_
         h = hidden(h.unflatten(1, (r1, r2)), 2).flatten(1, 2)
     h = F.conv2d(h, core, None, g.stride, g.padding, g.dilation)
     return F.conv2d(h, ka.T[:, :, None, None])
+
+
+def _apply_few_tokens(t: Mapping[str, torch.Tensor], x: torch.Tensor, out_scale,
+                      hidden: Optional[Callable[[torch.Tensor, int], torch.Tensor]]) -> torch.Tensor:
+    """apply() for a Linear called on fewer tokens than r2, without the Khatri-Rao factors:
+    dW x = sum_i A1[:, i] * (A2 @ ((B1[i] * x) @ B2^T)) (at up to r2 tokens). Its temporaries are [tokens, r1, in or out]
+    rather than [r1*r2, in or out], which at 1-4 tokens per 1280-wide layer (SD's inner blocks at
+    small latents) is where LoHa's time went."""
+    dt = x.dtype
+    a1, b1, a2, b2 = (t[k].to(dt) for k in (W1A, W1B, W2A, W2B))
+    h = (x.unsqueeze(-2) * b1) @ b2.T  # [..., r1, r2]: components (rows of hada_w2_b) last
+    if hidden is not None:
+        h = hidden(h, h.dim() - 1)
+    return ((h @ a2.T) * (a1 * out_scale).T).sum(-2)
 
 
 def costs(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Tuple[int, int]:
