@@ -21,11 +21,11 @@ COMPONENT = {"locon": ("lora_up.weight", 1), "loha": ("hada_w2_b", 0), "lokr": (
              "lokr_full": ("lokr_w2", 0)}
 
 
-def adapter(kind, layer, **kw):
+def adapter(kind, layer, rank=2, **kw):
     algo = "lokr" if kind.startswith("lokr") else kind
     extra = {"full_matrix": True} if kind == "lokr_full" else {}
     cls = lycoris_kohya.algos.ALGORITHMS[algo][0]
-    a = cls("lora_x", layer, rank=2, alpha=2.0, forward_path="structured", **extra, **kw)
+    a = cls("lora_x", layer, rank=rank, alpha=2.0, forward_path="structured", **extra, **kw)
     randomize(a, seed=3, std=0.3)
     a.apply_to()
     return a
@@ -81,10 +81,7 @@ def test_loha_rank_dropout_per_sample_on_its_few_token_path():
     without Khatri-Rao factors; rank dropout there is still one mask per sample."""
     torch.manual_seed(0)
     layer = nn.Linear(8, 6)
-    a = lycoris_kohya.algos.ALGORITHMS["loha"][0]("lora_x", layer, rank=4, alpha=2.0, forward_path="structured",
-                                                   rank_dropout=0.5)
-    randomize(a, seed=3, std=0.3)
-    a.apply_to()
+    a = adapter("loha", layer, rank=4, rank_dropout=0.5)
     a.train()
     one = torch.randn(1, 1, 8)
     options = subset_outputs(a, layer, one, "loha", 0.5)
