@@ -263,3 +263,46 @@ def test_network_created_on_cpu_follows_a_unet_on_the_gpu():
     with torch.no_grad():
         y = unet.block.conv(INPUTS["conv"]().cuda())
     assert y.device.type == "cuda"
+
+
+@pytest.mark.parametrize("axis", ["input", "output"])
+@pytest.mark.parametrize("group", [1, 3])
+@pytest.mark.parametrize("mode", ["exact", "detach", "tensor_gain"])
+def test_pair_scale_against_the_dense_norm_in_fp64(axis, group, mode):
+    """dora.pair_scale (norms from P W and Gram matrices, hand-written backward) against
+    magnitude / ||W + g P^T Q|| built densely, values and gradients of every input (W through ||W||^2
+    too, as when the base below is another trainable network), in fp64."""
+    from lycoris_kohya.algos.dora import pair_scale
+
+    gen = torch.Generator().manual_seed(group)
+    out, inn, r = 7, 5, 3
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    p, q, w = rnd(r, out), rnd(r, inn * group), rnd(out, inn * group)
+    mag = rnd(inn if axis == "input" else out)
+    gain = torch.tensor(0.7, dtype=torch.float64, requires_grad=True) if mode == "tensor_gain" else 0.7
+    detach = mode == "detach"
+
+    def dense(p, q, w, mag, gain):
+        v = (w + gain * (p.T @ q)).reshape(out, inn, group)
+        n = v.pow(2).sum((0, 2) if axis == "input" else (1, 2)).sqrt()
+        return mag / (n.detach() if detach else n)
+
+    def ours(p, q, w, mag, gain):
+        w3 = w.reshape(out, inn, group)
+        w_sq = w3.pow(2).sum((0, 2) if axis == "input" else (1, 2))
+        return pair_scale(p, q, w, w_sq, mag, axis, gain, detach)
+
+    args = (p, q, w, mag, gain)
+    got, want = ours(*args), dense(*args)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    weights = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    params = [a for a in args if isinstance(a, torch.Tensor)]
+    g_got = torch.autograd.grad((got * weights).sum(), params, allow_unused=True)
+    g_want = torch.autograd.grad((want * weights).sum(), params, allow_unused=True)
+    for name, a, b, x in zip("p q w mag gain".split(), g_got, g_want, params):
+        a, b = (torch.zeros_like(x) if v is None else v for v in (a, b))
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), (name, (a - b).abs().max())
+        if name == "mag" or not detach:  # a real comparison, not of two zeros
+            assert float(b.abs().max()) > 0, name
+    if mode == "exact":
+        assert torch.autograd.gradcheck(lambda *a: ours(*a, 0.7), (p, q, w, mag))

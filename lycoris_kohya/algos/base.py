@@ -9,9 +9,11 @@ An algorithm is two things kept side by side in its own file:
       - ``apply(t, x, geometry, out_scale, hidden)``: the same linear map as ``delta`` applied to x
         without building dW (low-rank LoCon, Khatri-Rao LoHa, Kronecker LoKr): a second, tested
         implementation, because building dW costs as much as the layer at small latents;
-      - ``costs``, ``norm_sq``, ``dora_shift``, ``components``: the cost model, ||dW||^2, what DoRA's
-        squared norms gain over ||W0||^2 (2g<W0,dW> + g^2||dW||^2), both from factor identities, and
-        which slices are the "rank components".
+      - ``costs``, ``norm_sq``, ``components``: the cost model, ||dW||^2 from factor identities, and
+        which slices are the "rank components";
+      - ``dora_pair`` (LoCon, LoHa: dW = P^T Q with P, Q narrow, from which ``dora.pair_scale`` takes
+        DoRA's norms) or ``dora_shift`` (LoKr: what the squared norms gain over ||W0||^2 directly);
+        neither (Tucker): the norms come from a dense delta.
   * an ``Adapter`` subclass that owns the trainable tensors.
 
 The forward of every adapter composes with whatever forward was installed on the layer before it
@@ -527,13 +529,21 @@ class Adapter(nn.Module):
         that backward recomputes instead of storing."""
         axis, g = self.dora_axis, self.geometry
         gain = self._gain()
+        magnitude = self.dora_scale.float().flatten()
         with no_autocast(base.device.type):
-            shift = self.math.dora_shift(t, base, axis, gain)
+            pair = self.math.dora_pair(t)
+            shift = None
+            if pair is None and hasattr(self.math, "dora_shift"):
+                shift = self.math.dora_shift(t, base, axis, gain)
+            if pair is not None or shift is not None:
+                w0_sq = self._w0_sq(base) if base is self.layer.weight else \
+                    dora_math.weight_norm(base, axis).pow(2).flatten()
+            if pair is not None:
+                return dora_math.pair_scale(*pair, base.flatten(1).float(), w0_sq, magnitude, axis, gain,
+                                            self.dora_detach_norm)
             if shift is not None:
                 if axis == dora_math.INPUT and g.is_conv:  # flattened columns (in, kh, kw) -> in
                     shift = shift.reshape(g.in_dim, -1).sum(1)
-                w0_sq = self._w0_sq(base) if base is self.layer.weight else \
-                    dora_math.weight_norm(base, axis).pow(2).flatten()
                 n = (w0_sq + shift).clamp_min(1e-24).sqrt()
             else:
                 names = list(t)
@@ -551,7 +561,7 @@ class Adapter(nn.Module):
                     n = norms(*ps)
             if self.dora_detach_norm:
                 n = n.detach()
-            return self.dora_scale.float().flatten() / n
+            return magnitude / n
 
     def _dora_forward(self, x: torch.Tensor, m, args, kwargs) -> torch.Tensor:
         """W = W' + m*(V*s - W') with V = W' + g*dW, s = dora_scale/||V||, W' the weight below.

@@ -15,7 +15,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dora as dora_math
 from .base import Adapter, LayerGeometry, kaiming
 
 DOWN, UP, MID = "lora_down.weight", "lora_up.weight", "lora_mid.weight"
@@ -105,19 +104,12 @@ def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
     return ((gu @ m) * (m @ gd)).sum()
 
 
-def dora_shift(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str, gain) -> Optional[torch.Tensor]:
-    """||W0 + gain*dW||^2 - ||W0||^2 = 2*gain*<W0, dW> + gain^2*||dW||^2 per column of the flattened
-    [out, in*k] weight (input axis) or per row (output axis), from U^T W0 / W0 D^T and the r x r Gram
-    matrices, without building dW; None for Tucker."""
+def dora_pair(t: Mapping[str, torch.Tensor]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(P, Q) with dW = P^T Q on the flattened [out, in*k] weight, in fp32, for DoRA's norms from
+    factor identities (``dora.pair_scale``): (lora_up^T, lora_down); None for Tucker."""
     if MID in t:
         return None
-    u, d = t[UP].flatten(1).float(), t[DOWN].flatten(1).float()  # [out, r], [r, in*k]
-    w = w0.flatten(1).float()
-    if axis == "input":
-        # U^T W0 rather than W0^T U: the same product, but BLAS reads the row-major W0 untransposed,
-        # about twice as fast for a skinny r (and backward's (grad) W0^T is the layer's own forward op)
-        return (dora_math.shift(u.T @ u @ d, u.T, w, gain) * d).sum(0)
-    return (dora_math.shift(u @ (d @ d.T), w, d.T, gain) * u).sum(1)
+    return t[UP].flatten(1).float().T, t[DOWN].flatten(1).float()
 
 
 # ----- the trainable adapter -----------------------------------------------------------------

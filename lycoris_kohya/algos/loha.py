@@ -20,7 +20,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import dora as dora_math
 from .base import Adapter, LayerGeometry
 
 W1A, W1B, W2A, W2B, T1, T2 = "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"
@@ -153,17 +152,15 @@ def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
     return (((ka @ ka.T) @ c) * (c @ (kb @ kb.T))).sum()
 
 
-def dora_shift(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str, gain) -> Optional[torch.Tensor]:
-    """||W0 + gain*dW||^2 - ||W0||^2 per column of the flattened [out, in*k] weight (input axis) or per
-    row (output axis) from the Khatri-Rao factors: KA W0 or W0 KB^T (one matmul of rank r1*r2, several
-    times cheaper than forming dW and its elementwise passes) and R x R Gram matrices. None for Tucker."""
+def dora_pair(t: Mapping[str, torch.Tensor]) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(P, Q) with dW = P^T Q on the flattened [out, in*k] weight, in fp32, for DoRA's norms from
+    factor identities (``dora.pair_scale``): the Khatri-Rao factors (KA, KB), of rank r1*r2. Their
+    product with W0 is one matmul of rank r1*r2, several times cheaper than forming dW and its
+    elementwise passes. None for Tucker."""
     if T1 in t:
         return None
-    ka, kb, _ = khatri_rao({k: v.float() for k, v in t.items()})  # [R, out], [R, in*k]
-    w = w0.flatten(1).float()
-    if axis == "input":  # KA W0 reads W0 untransposed
-        return (dora_math.shift(ka @ ka.T @ kb, ka, w, gain) * kb).sum(0)
-    return (dora_math.shift(ka.T @ (kb @ kb.T), w, kb.T, gain) * ka.T).sum(1)
+    ka, kb, _ = khatri_rao({k: v.float() for k, v in t.items()})
+    return ka, kb
 
 
 # ----- the trainable adapter -----------------------------------------------------------------

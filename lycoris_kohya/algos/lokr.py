@@ -210,6 +210,12 @@ def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
     return _w1(t).pow(2).sum() * _w2_dense(t, g).pow(2).sum()
 
 
+def dora_pair(t: Mapping[str, torch.Tensor]) -> None:
+    """No narrow pair: kron(w1, w2_a w2_b) = kron(w1, w2_a) kron(I, w2_b) is c*r wide; dora_shift
+    has LoKr's own one-pass form."""
+    return None
+
+
 def dora_shift(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str, gain) -> torch.Tensor:
     """||W0 + gain*dW||^2 - ||W0||^2 = 2*gain*<W0, dW> + gain^2*||dW||^2 per column of the flattened
     [out, in*k] weight (input axis) or per row (output axis), with one pass over W0 and no Kronecker
