@@ -3,7 +3,6 @@ the drop-in spelling for users of ``lycoris.kohya``)."""
 from __future__ import annotations
 
 import logging
-from typing import Optional
 
 from . import specs as sp
 from . import targets as tg

@@ -22,7 +22,7 @@ A preset is a built-in name or a TOML file (LyCORIS' preset keys):
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Dict, Mapping, Optional, Tuple
 

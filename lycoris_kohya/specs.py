@@ -15,7 +15,7 @@ is exact all the same; only writing factors that carry the kernel needs the real
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch

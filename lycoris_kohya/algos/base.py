@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -427,19 +427,20 @@ class Adapter(nn.Module):
         the weight instead (``per_sample=False``, see ``_dora_tensors``)."""
         p = self.dropout if self.training else None
         q = self.rank_dropout if self.training and per_sample else None
-        hidden = None
-        if p is not None or q is not None:
-            if q is not None:
-                gain = gain / (1.0 - q)
+        if p is None and q is None:
+            return self.math.apply(t, x, self.geometry, gain, None)
+        if q is not None:
+            gain = gain / (1.0 - q)
 
-            def hidden(h: torch.Tensor, dim: int) -> torch.Tensor:
-                if p is not None:
-                    h = F.dropout(h, p=p)
-                if q is not None:
-                    shape = [1] * h.dim()
-                    shape[0], shape[dim] = h.shape[0], h.shape[dim]
-                    h = h * (torch.rand(shape, device=h.device) > q).to(h.dtype)
-                return h
+        def hidden(h: torch.Tensor, dim: int) -> torch.Tensor:
+            if p is not None:
+                h = F.dropout(h, p=p)
+            if q is not None:
+                shape = [1] * h.dim()
+                shape[0], shape[dim] = h.shape[0], h.shape[dim]
+                h = h * (torch.rand(shape, device=h.device) > q).to(h.dtype)
+            return h
+
         return self.math.apply(t, x, self.geometry, gain, hidden)
 
     # ----- choosing a path -------------------------------------------------------------------
