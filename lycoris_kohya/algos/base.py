@@ -533,19 +533,16 @@ class Adapter(nn.Module):
         magnitude = self.dora_scale.float().flatten()
         with no_autocast(base.device.type):
             pair = self.math.dora_pair(t)
-            shift = None
-            if pair is None and hasattr(self.math, "dora_shift"):
-                shift = self.math.dora_shift(t, base, axis, gain)
+            shift = self.math.dora_shift(t, base, axis, gain) \
+                if pair is None and hasattr(self.math, "dora_shift") else None
             if pair is not None or shift is not None:
                 w0_sq = self._w0_sq(base) if base is self.layer.weight else \
                     dora_math.weight_norm(base, axis).pow(2).flatten()
             if pair is not None:
-                return dora_math.pair_scale(*pair, base.flatten(1).float(), w0_sq, magnitude, axis, gain,
+                return dora_math.pair_scale(*pair, base.flatten(1), w0_sq, magnitude, axis, gain,
                                             self.dora_detach_norm)
             if shift is not None:
-                if axis == dora_math.INPUT and g.is_conv:  # flattened columns (in, kh, kw) -> in
-                    shift = shift.reshape(g.in_dim, -1).sum(1)
-                n = (w0_sq + shift).clamp_min(1e-24).sqrt()
+                n = dora_math.norm_from_shift(w0_sq, shift)
             else:
                 names = list(t)
 

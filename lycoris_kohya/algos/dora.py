@@ -59,67 +59,74 @@ def direction_factor(
     return magnitude.reshape(n.shape) / n
 
 
+def norm_from_shift(w_sq: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """||W + g*dW|| on the axis, flat, from ||W||^2 (one per channel) and the change of the squared
+    norms per flattened column or row (a conv's kernel positions, adjacent, summed into their channel)."""
+    group = shift.shape[0] // w_sq.shape[0]
+    if group > 1:
+        shift = shift.reshape(-1, group).sum(1)
+    return (w_sq + shift).clamp_min(1e-24).sqrt()  # the clamp guards a zero column
+
+
 def _pair_terms(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor, gain) -> Tuple[torch.Tensor, torch.Tensor]:
     """(Z, (P P^T) Q) with Z = 2g*P W + g^2*(P P^T) Q: for dW = P^T Q ([R, rows]^T [R, cols]) and W
     [rows, cols], ||W_j + g*dW_j||^2 - ||W_j||^2 = sum_R (Z * Q)[:, j] per column j. One addmm when
     gain is a number (a tensor with use_scalar)."""
     pq = (p @ p.T) @ q
+    w = w.to(p.dtype)  # the factors' precision (fp32 in training); W itself may be half
     if isinstance(gain, torch.Tensor):
         return 2 * gain * (p @ w) + gain * gain * pq, pq
     return torch.addmm(pq, p, w, beta=gain * gain, alpha=2 * gain), pq
 
 
-def _pair_norm(p, q, w, w_sq, gain, group: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(||W + g*P^T Q|| per column, or per ``group`` adjacent columns, Z, (P P^T) Q)."""
+def _pair_norm(p, q, w, w_sq, gain) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(||W + g*P^T Q|| per column or per channel of columns, Z, (P P^T) Q)."""
     z, pq = _pair_terms(p, q, w, gain)
-    shift = (z * q).sum(0)
-    if group > 1:  # a conv's kernel positions: one norm per input channel
-        shift = shift.view(-1, group).sum(1)
-    return (w_sq + shift).clamp_min(1e-24).sqrt(), z, pq  # the clamp guards a zero column
+    return norm_from_shift(w_sq, (z * q).sum(0)), z, pq
 
 
 class _PairScale(torch.autograd.Function):
-    """magnitude / ||W + g*P^T Q|| per column (``group`` adjacent columns per norm: a conv's kernel
-    positions), with a hand-written backward: one node instead of about ten, and no saved temporaries
-    beyond Z and (P P^T) Q. The norms' only reads of W are P W forward and (c*Q) W^T backward."""
+    """magnitude / ||W + g*P^T Q|| per column (adjacent columns per norm: a conv's kernel positions),
+    with a hand-written backward: one node instead of about ten, and no saved temporaries beyond Z
+    and (P P^T) Q; W is kept in its own dtype and cast again in backward. The norms' only reads of W
+    are P W forward and (c*Q) W^T backward."""
 
     @staticmethod
-    def forward(ctx, p, q, w, w_sq, magnitude, gain: float, group: int):
-        n, z, pq = _pair_norm(p, q, w, w_sq, gain, group)
+    def forward(ctx, p, q, w, w_sq, magnitude, gain: float):
+        n, z, pq = _pair_norm(p, q, w, w_sq, gain)
         s = magnitude / n
         ctx.save_for_backward(p, q, w, z, pq, n, s)
-        ctx.gain, ctx.group = gain, group
+        ctx.gain = gain
         return s
 
     @staticmethod
     def backward(ctx, grad_s):
         p, q, w, z, pq, n, s = ctx.saved_tensors
-        g, group = ctx.gain, ctx.group
+        g, group = ctx.gain, q.shape[1] // n.shape[0]
         c = grad_s * s / (-2 * n * n)  # dL/d(n^2)
         cols = c if group == 1 else c.repeat_interleave(group)
         cq = q * cols
         # d/dQ of sum_j c_j (Z*Q)_j = c * (2gPW + 2g^2 PP^T Q); d/dP = 2g (cQ) W^T + 2g^2 (cQ Q^T) P
         grad_q = torch.add(z, pq, alpha=g * g).mul_(cols)
-        grad_p = torch.addmm((cq @ q.T) @ p, cq, w.T, beta=2 * g * g, alpha=2 * g)
-        grad_w = 2 * g * (p.T @ cq) if ctx.needs_input_grad[2] else None
+        grad_p = torch.addmm((cq @ q.T) @ p, cq, w.to(p.dtype).T, beta=2 * g * g, alpha=2 * g)
+        grad_w = (2 * g * (p.T @ cq)).to(w.dtype) if ctx.needs_input_grad[2] else None
         grad_w_sq = c if ctx.needs_input_grad[3] else None
-        return grad_p, grad_q, grad_w, grad_w_sq, grad_s / n, None, None
+        return grad_p, grad_q, grad_w, grad_w_sq, grad_s / n, None
 
 
 def pair_scale(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor, w_sq: torch.Tensor, magnitude: torch.Tensor,
                axis: str, gain, detach_norm: bool = False) -> torch.Tensor:
     """s = magnitude / ||W + g*dW|| on the axis, flat, for dW = P^T Q on the flattened [out, in*k]
-    weight W (P [R, out], Q [R, in*k], fp32), from P W (or Q W^T) and R x R Gram matrices, without
-    building dW. ``w_sq`` is ||W||^2 on the axis, flat."""
+    weight W (any dtype, used in the factors' dtype; P [R, out], Q [R, in*k], fp32), from P W (or Q W^T) and R x R Gram matrices,
+    without building dW. ``w_sq`` is ||W||^2 on the axis, flat."""
     if axis == OUTPUT:  # the rows of W are the columns of W^T = Q^T P + ...
         p, q, w = q, p, w.T
-    group = q.shape[1] // w_sq.shape[0]
     magnitude = magnitude.flatten()
     if detach_norm or isinstance(gain, torch.Tensor):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_norm):
-            n = _pair_norm(p, q, w, w_sq, gain, group)[0]
+            n = _pair_norm(p, q, w, w_sq, gain)[0]
         return magnitude / n
-    return _PairScale.apply(p, q, w, w_sq, magnitude, gain, group)
+    return _PairScale.apply(p, q, w, w_sq, magnitude, gain)
 
 
 def merge(
