@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import dora as dora_math
+from .torch_ops import autocast_dtype, is_compiling, no_autocast
 
 FORWARD_PATHS = ("auto", "fold", "structured")
 _PLAIN_FORWARDS = (nn.Linear.forward, nn.Conv2d.forward)
@@ -112,30 +113,6 @@ def storable_alpha(alpha: float) -> float:
     at creation, makes the g used in training equal to the g every reader computes.
     """
     return float(torch.tensor(float(alpha), dtype=torch.bfloat16).float())
-
-
-# ----- torch version and compile helpers ------------------------------------------------------
-def is_compiling() -> bool:
-    if hasattr(torch, "compiler") and hasattr(torch.compiler, "is_compiling"):
-        return torch.compiler.is_compiling()
-    return torch._dynamo.is_compiling()  # torch < 2.3
-
-
-def autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    """The dtype autocast computes matmuls in on this device type, or None when it is off."""
-    try:
-        if not torch.is_autocast_enabled(device_type):
-            return None
-        return torch.get_autocast_dtype(device_type)
-    except TypeError:  # torch < 2.4: per-device functions
-        if device_type == "cpu":
-            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
-        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
-
-
-def no_autocast(device_type: str):
-    """Norms and merged weights are computed in fp32, whatever autocast does around them."""
-    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def weight_of(forward: Callable, layer: nn.Module) -> Optional[torch.Tensor]:

@@ -14,6 +14,8 @@ from typing import Sequence, Tuple
 
 import torch
 
+from .torch_ops import weight_mm
+
 INPUT = "input"
 OUTPUT = "output"
 
@@ -70,13 +72,11 @@ def norm_from_shift(w_sq: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 def _pair_terms(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor, gain) -> Tuple[torch.Tensor, torch.Tensor]:
     """(Z, (P P^T) Q) with Z = 2g*P W + g^2*(P P^T) Q: for dW = P^T Q ([R, rows]^T [R, cols]) and W
-    [rows, cols], ||W_j + g*dW_j||^2 - ||W_j||^2 = sum_R (Z * Q)[:, j] per column j. One addmm when
-    gain is a number (a tensor with use_scalar)."""
+    [rows, cols], ||W_j + g*dW_j||^2 - ||W_j||^2 = sum_R (Z * Q)[:, j] per column j (gain: a number,
+    or a tensor with use_scalar)."""
     pq = (p @ p.T) @ q
-    w = w.to(p.dtype)  # the factors' precision (fp32 in training); W itself may be half
-    if isinstance(gain, torch.Tensor):
-        return 2 * gain * (p @ w) + gain * gain * pq, pq
-    return torch.addmm(pq, p, w, beta=gain * gain, alpha=2 * gain), pq
+    pw = weight_mm(p, w.to(p.dtype))  # the factors' precision (fp32 in training); W itself may be half
+    return 2 * gain * pw + gain * gain * pq, pq
 
 
 def _pair_norm(p, q, w, w_sq, gain) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,7 +108,7 @@ class _PairScale(torch.autograd.Function):
         cq = q * cols
         # d/dQ of sum_j c_j (Z*Q)_j = c * (2gPW + 2g^2 PP^T Q); d/dP = 2g (cQ) W^T + 2g^2 (cQ Q^T) P
         grad_q = torch.add(z, pq, alpha=g * g).mul_(cols)
-        grad_p = torch.addmm((cq @ q.T) @ p, cq, w.to(p.dtype).T, beta=2 * g * g, alpha=2 * g)
+        grad_p = weight_mm(cq, w.to(p.dtype).T).mul_(2 * g).add_((cq @ q.T) @ p, alpha=2 * g * g)
         grad_w = (2 * g * (p.T @ cq)).to(w.dtype) if ctx.needs_input_grad[2] else None
         grad_w_sq = c if ctx.needs_input_grad[3] else None
         return grad_p, grad_q, grad_w, grad_w_sq, grad_s / n, None
