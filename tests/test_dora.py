@@ -320,3 +320,77 @@ def check_pair_scale(pair_scale, gen, out, inn, r, axis, group, mode, gradcheck)
             assert float(b.abs().max()) > 0, name
     if mode == "exact" and gradcheck:
         assert torch.autograd.gradcheck(lambda *a: ours(*a, 0.7), (p, q, w, mag))
+
+
+@pytest.mark.parametrize("axis", ["input", "output"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 5, 1), (3, 2, 2, 3, 4), (1, 4, 3, 1, 2)])  # a, b, c, d, kernel positions
+@pytest.mark.parametrize("mode", ["exact", "detach", "tensor_gain"])
+def test_kron_scale_against_the_dense_norm_in_fp64(axis, shape, mode):
+    """dora.kron_scale (LoKr's norms from one pass over W, hand-written backward) against
+    magnitude / ||W + g kron(w1, w2)|| with torch.kron built densely: values and gradients of w1, w2,
+    W, ||W||^2, magnitude and the gain, in fp64; conv-like kernel positions summed per channel."""
+    from lycoris_kohya.algos.dora import kron_scale
+
+    a, b, c, d, k = shape
+    out, inn = a * b, c * d
+    gen = torch.Generator().manual_seed(a * 100 + b * 10 + k)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64, requires_grad=True)  # noqa: E731
+    w1, w2, w = rnd(a, c), rnd(b, d * k), rnd(out, inn * k)
+    mag = rnd(inn if axis == "input" else out)
+    gain = torch.tensor(0.7, dtype=torch.float64, requires_grad=True) if mode == "tensor_gain" else 0.7
+    detach = mode == "detach"
+    dims = (0, 2) if axis == "input" else (1, 2)
+
+    def dense(w1, w2, w, mag, gain):
+        v = (w + gain * torch.kron(w1, w2)).reshape(out, inn, k)
+        n = v.pow(2).sum(dims).sqrt()
+        return mag / (n.detach() if detach else n)
+
+    def ours(w1, w2, w, mag, gain):
+        w_sq = w.reshape(out, inn, k).pow(2).sum(dims)
+        return kron_scale(w1, w2, w, w_sq, mag, axis, gain, detach)
+
+    args = (w1, w2, w, mag, gain)
+    got, want = ours(*args), dense(*args)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    weights = torch.randn(got.shape, generator=gen, dtype=torch.float64)
+    params = [x for x in args if isinstance(x, torch.Tensor)]
+    g_got = torch.autograd.grad((got * weights).sum(), params, allow_unused=True)
+    g_want = torch.autograd.grad((want * weights).sum(), params, allow_unused=True)
+    for name, x, y, p in zip("w1 w2 w mag gain".split(), g_got, g_want, params):
+        x, y = (torch.zeros_like(p) if v is None else v for v in (x, y))
+        assert torch.allclose(x, y, rtol=1e-9, atol=1e-12), (name, (x - y).abs().max())
+        if name == "mag" or not detach:
+            assert float(y.abs().max()) > 0, name
+    if mode == "exact":
+        assert torch.autograd.gradcheck(lambda *x: ours(*x, 0.7), (w1, w2, w, mag))
+
+
+@pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])
+@pytest.mark.parametrize("axis", ["input", "output"])
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_a_bf16_base_is_not_held_in_fp32_between_forward_and_backward(algo, axis, kind):
+    """Mixed-precision training (bf16 base, fp32 network): the norms read W0 in fp32, but what the
+    step keeps for backward must not include an fp32 copy of W0 (on Flux that would be 4 bytes per
+    adapted weight on top of the 2 the model has). Every tensor autograd saves is inspected."""
+    torch.manual_seed(0)
+    layer = nn.Linear(96, 80) if kind == "linear" else nn.Conv2d(24, 20, 3, padding=1)
+    layer.requires_grad_(False).to(torch.bfloat16)
+    cls = lycoris_kohya.algos.ALGORITHMS[algo][0]
+    a = cls("lora_x", layer, rank=4, alpha=2.0, dora_axis=axis, forward_path="structured")
+    randomize(a, seed=1, std=0.2)
+    a.apply_to()
+    x = torch.randn((2, 96) if kind == "linear" else (1, 24, 4, 4), dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, t.numel()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = layer(x)
+    y.float().sum().backward()
+    assert a.dora_scale.grad is not None and x.grad is not None
+    w_numel = layer.weight.numel()
+    assert any(n >= w_numel for _, n in saved)  # W0 itself is saved (bf16): the check sees the weight
+    assert not [(d, n) for d, n in saved if d == torch.float32 and n >= w_numel], saved

@@ -1,5 +1,5 @@
 """The algorithms, by name. Each entry pairs an Adapter class with its math module (``SUFFIXES``,
-``delta``, ``layout``, ``apply``, ``costs``, ``norm_sq``, ``dora_pair``, ``components``, LoKr's ``dora_shift``)."""
+``delta``, ``layout``, ``apply``, ``costs``, ``norm_sq``, ``dora_pair``, ``components``, LoKr's ``dora_kron``)."""
 from __future__ import annotations
 
 from types import ModuleType

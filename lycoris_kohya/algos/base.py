@@ -12,7 +12,7 @@ An algorithm is two things kept side by side in its own file:
       - ``costs``, ``norm_sq``, ``components``: the cost model, ||dW||^2 from factor identities, and
         which slices are the "rank components";
       - ``dora_pair`` (LoCon, LoHa: dW = P^T Q with P, Q narrow, from which ``dora.pair_scale`` takes
-        DoRA's norms) or ``dora_shift`` (LoKr: what the squared norms gain over ||W0||^2 directly);
+        DoRA's norms) or ``dora_kron`` (LoKr: dW = kron(w1, w2), for ``dora.kron_scale``);
         neither (Tucker): the norms come from a dense delta.
   * an ``Adapter`` subclass that owns the trainable tensors.
 
@@ -510,30 +510,28 @@ class Adapter(nn.Module):
         magnitude = self.dora_scale.float().flatten()
         with no_autocast(base.device.type):
             pair = self.math.dora_pair(t)
-            shift = self.math.dora_shift(t, base, axis, gain) \
-                if pair is None and hasattr(self.math, "dora_shift") else None
-            if pair is not None or shift is not None:
+            kron = self.math.dora_kron(t, g) if pair is None and hasattr(self.math, "dora_kron") else None
+            if pair is not None or kron is not None:
                 w0_sq = self._w0_sq(base) if base is self.layer.weight else \
                     dora_math.weight_norm(base, axis).pow(2).flatten()
-            if pair is not None:
-                return dora_math.pair_scale(*pair, base.flatten(1), w0_sq, magnitude, axis, gain,
+                if pair is not None:
+                    return dora_math.pair_scale(*pair, base.flatten(1), w0_sq, magnitude, axis, gain,
+                                                self.dora_detach_norm)
+                return dora_math.kron_scale(*kron, base.flatten(1), w0_sq, magnitude, axis, gain,
                                             self.dora_detach_norm)
-            if shift is not None:
-                n = dora_math.norm_from_shift(w0_sq, shift)
+            names = list(t)
+
+            def norms(*ps: torch.Tensor) -> torch.Tensor:
+                d = self.math.delta(dict(zip(names, ps)), g.weight_shape).reshape(g.weight_shape)
+                return dora_math.weight_norm(base.float() + gain * d.float(), axis).flatten()
+
+            ps = [v.float() for v in t.values()]
+            if self._grad_wanted() and not is_compiling():
+                from torch.utils.checkpoint import checkpoint
+
+                n = checkpoint(norms, *ps, use_reentrant=False)
             else:
-                names = list(t)
-
-                def norms(*ps: torch.Tensor) -> torch.Tensor:
-                    d = self.math.delta(dict(zip(names, ps)), g.weight_shape).reshape(g.weight_shape)
-                    return dora_math.weight_norm(base.float() + gain * d.float(), axis).flatten()
-
-                ps = [v.float() for v in t.values()]
-                if self._grad_wanted() and not is_compiling():
-                    from torch.utils.checkpoint import checkpoint
-
-                    n = checkpoint(norms, *ps, use_reentrant=False)
-                else:
-                    n = norms(*ps)
+                n = norms(*ps)
             if self.dora_detach_norm:
                 n = n.detach()
             return magnitude / n

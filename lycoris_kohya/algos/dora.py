@@ -129,6 +129,91 @@ def pair_scale(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor, w_sq: torch.Te
     return _PairScale.apply(p, q, w, w_sq, magnitude, gain)
 
 
+def _kron_view(w: torch.Tensor, a: int, b: int, c: int, dk: int, axis: str) -> torch.Tensor:
+    """The flattened [a*b, c*dk] weight as the batch of small matrices that meet w1 in one pass, a
+    view in place (no W-sized temporary): input axis, batch (q, i) holds W[:, q, i, :] [a, dk];
+    output axis, batch (p, q) holds one row of W as [c, dk]."""
+    if axis == INPUT:
+        return w.as_strided((b * c, a, dk), (dk, b * c * dk, 1))
+    return w.reshape(a * b, c, dk)
+
+
+def _kron_norm(w1, w2, w, w_sq, gain, axis) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(||W + g*kron(w1, w2)|| per column or row (per channel of columns), the partial sums S).
+    With W[p,q,i,x] the flattened weight at row p*b+q, column i*dk+x:
+      input:  S[q,i,x] = sum_p w1[p,i] W[p,q,i,x];  <W, dW>_(i,x) = sum_q w2[q,x] S[q,i,x];
+              ||dW_(i,x)||^2 = (sum_p w1[p,i]^2) (sum_q w2[q,x]^2)
+      output: S[p,q,x] = sum_i w1[p,i] W[p,q,i,x];  <W, dW>_(p,q) = sum_x w2[q,x] S[p,q,x];
+              ||dW_(p,q)||^2 = (sum_i w1[p,i]^2) (sum_x w2[q,x]^2)"""
+    (a, c), (b, dk) = w1.shape, w2.shape
+    view = _kron_view(w.to(w1.dtype).contiguous(), a, b, c, dk, axis)
+    if axis == INPUT:
+        lhs = w1.T[None, :, None, :].expand(b, c, 1, a).reshape(b * c, 1, a)
+        part = torch.bmm(lhs, view).reshape(b, c, dk)
+        inner = (part * w2[:, None, :]).sum(0)
+        sq = w1.pow(2).sum(0)[:, None] * w2.pow(2).sum(0)[None, :]
+    else:
+        lhs = w1[:, None, None, :].expand(a, b, 1, c).reshape(a * b, 1, c)
+        part = torch.bmm(lhs, view).reshape(a, b, dk)
+        inner = (part * w2[None]).sum(2)
+        sq = w1.pow(2).sum(1)[:, None] * w2.pow(2).sum(1)[None, :]
+    return norm_from_shift(w_sq, (2 * gain * inner + gain * gain * sq).flatten()), part
+
+
+class _KronScale(torch.autograd.Function):
+    """magnitude / ||W + g*kron(w1, w2)|| on the axis with a hand-written backward, as _PairScale
+    for LoCon/LoHa: one node, the partial sums S saved (b*in or a*b*dk numbers), W read once
+    forward and once backward, in its own dtype."""
+
+    @staticmethod
+    def forward(ctx, w1, w2, w, w_sq, magnitude, gain: float, axis: str):
+        n, part = _kron_norm(w1, w2, w, w_sq, gain, axis)
+        s = magnitude / n
+        ctx.save_for_backward(w1, w2, w, part, n, s)
+        ctx.gain, ctx.axis = gain, axis
+        return s
+
+    @staticmethod
+    def backward(ctx, grad_s):
+        w1, w2, w, part, n, s = ctx.saved_tensors
+        g, axis = ctx.gain, ctx.axis
+        (a, c), (b, dk) = w1.shape, w2.shape
+        cn = grad_s * s / (-2 * n * n)  # dL/d(n^2)
+        view = _kron_view(w.to(w1.dtype).contiguous(), a, b, c, dk, axis)
+        if axis == INPUT:
+            cols = cn.repeat_interleave(c * dk // n.shape[0]).reshape(c, dk)  # a conv's kernel positions
+            u = w2[:, None, :] * cols  # [b, c, dk]
+            wu = torch.bmm(u.reshape(b * c, 1, dk), view.transpose(1, 2)).reshape(b, c, a).sum(0).T  # sum_qx W c w2
+            grad_w1 = wu.mul_(2 * g).add_(w1 * (cols * w2.pow(2).sum(0)).sum(1), alpha=2 * g * g)
+            grad_w2 = (part * cols).sum(1).mul_(2 * g).add_(w2 * (cols * w1.pow(2).sum(0)[:, None]).sum(0),
+                                                            alpha=2 * g * g)
+            dense_c = cols.reshape(1, -1)
+        else:
+            rows = cn.reshape(a, b)
+            u = rows[:, :, None] * w2[None]  # [a, b, dk]
+            wu = torch.bmm(u.reshape(a * b, 1, dk), view.transpose(1, 2)).reshape(a, b, c).sum(1)
+            grad_w1 = wu.mul_(2 * g).add_(w1 * (rows * w2.pow(2).sum(1)).sum(1)[:, None], alpha=2 * g * g)
+            grad_w2 = (part * rows[:, :, None]).sum(0).mul_(2 * g).add_(
+                w2 * (rows * w1.pow(2).sum(1)[:, None]).sum(0)[:, None], alpha=2 * g * g)
+            dense_c = cn.reshape(-1, 1)
+        grad_w = (2 * g * torch.kron(w1, w2) * dense_c).to(w.dtype) if ctx.needs_input_grad[2] else None
+        grad_w_sq = cn if ctx.needs_input_grad[3] else None
+        return grad_w1, grad_w2, grad_w, grad_w_sq, grad_s / n, None, None
+
+
+def kron_scale(w1: torch.Tensor, w2: torch.Tensor, w: torch.Tensor, w_sq: torch.Tensor, magnitude: torch.Tensor,
+               axis: str, gain, detach_norm: bool = False) -> torch.Tensor:
+    """s = magnitude / ||W + g*dW|| on the axis, flat, for dW = kron(w1 [a, c], w2 [b, dk]) on the
+    flattened [a*b, c*dk] weight W (any dtype; w1, w2 fp32), from one pass over W and the factors'
+    squared sums, without building the Kronecker product. ``w_sq`` is ||W||^2 on the axis, flat."""
+    magnitude = magnitude.flatten()
+    if detach_norm or isinstance(gain, torch.Tensor):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_norm):
+            n = _kron_norm(w1, w2, w, w_sq, gain, axis)[0]
+        return magnitude / n
+    return _KronScale.apply(w1, w2, w, w_sq, magnitude, gain, axis)
+
+
 def merge(
     w0: torch.Tensor, scaled_delta: torch.Tensor, magnitude: torch.Tensor, axis: str, multiplier: float,
     detach_norm: bool = False,

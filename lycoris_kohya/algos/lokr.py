@@ -211,33 +211,15 @@ def norm_sq(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> torch.Tensor:
 
 
 def dora_pair(t: Mapping[str, torch.Tensor]) -> None:
-    """No narrow pair: kron(w1, w2_a w2_b) = kron(w1, w2_a) kron(I, w2_b) is c*r wide; dora_shift
-    has LoKr's own one-pass form."""
+    """No narrow pair: kron(w1, w2_a w2_b) = kron(w1, w2_a) kron(I, w2_b) is c*r wide; see dora_kron."""
     return None
 
 
-def dora_shift(t: Mapping[str, torch.Tensor], w0: torch.Tensor, axis: str, gain) -> torch.Tensor:
-    """||W0 + gain*dW||^2 - ||W0||^2 = 2*gain*<W0, dW> + gain^2*||dW||^2 per column of the flattened
-    [out, in*k] weight (input axis) or per row (output axis), with one pass over W0 and no Kronecker
-    product."""
+def dora_kron(t: Mapping[str, torch.Tensor], g: LayerGeometry) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(w1 [a, c], w2 [b, d*k]) in fp32 with dW = kron(w1, w2) on the flattened [out, in*k] weight,
+    for DoRA's norms without the Kronecker product (``dora.kron_scale``)."""
     t = {k: v.float() for k, v in t.items()}
-    g = LayerGeometry(w0.shape[0], w0.shape[1], tuple(w0.shape[2:]))
-    a, b, c, d = _dims(t, g)
-    w1, w2 = _w1(t), _w2_dense(t, g)  # [a, c], [b, d*k]
-    dk = w2.shape[1] * w2.shape[2]
-    w = w0.float().contiguous().reshape(a * b, c * dk)  # W[p,q,i,x] at p*b*c*dk + q*c*dk + i*dk + x
-    # each term is a batch of small matmuls over a view of W0 in place: one read forward and one in
-    # backward, no W0-sized temporaries (broadcast products made several)
-    if axis == "input":  # S[q,i,x] = sum_p w1[p,i] W[p,q,i,x]: batch (q,i) has stride dk
-        view = w.as_strided((b * c, a, dk), (dk, b * c * dk, 1))
-        lhs = w1.T[None, :, None, :].expand(b, c, 1, a).reshape(b * c, 1, a)
-        inner = (torch.bmm(lhs, view).reshape(b, c, dk) * w2.reshape(b, 1, dk)).sum(0).reshape(-1)
-        sq = (w1.pow(2).sum(0)[:, None, None] * w2.pow(2).sum(0)[None]).reshape(-1)
-    else:  # R[p,q,x] = sum_i w1[p,i] W[p,q,i,x]: batch (p,q) is a row of W
-        lhs = w1[:, None, None, :].expand(a, b, 1, c).reshape(a * b, 1, c)
-        inner = (torch.bmm(lhs, w.reshape(a * b, c, dk)).reshape(a, b, dk) * w2.reshape(1, b, dk)).sum(2).reshape(-1)
-        sq = (w1.pow(2).sum(1)[:, None] * w2.pow(2).sum((1, 2))[None]).reshape(-1)
-    return 2 * gain * inner + gain * gain * sq
+    return _w1(t), _w2_dense(t, g).flatten(1)
 
 
 # ----- the trainable adapter -----------------------------------------------------------------
