@@ -306,20 +306,28 @@ def check_pair_scale(pair_scale, gen, out, inn, r, axis, group, mode, gradcheck)
         w_sq = w3.pow(2).sum((0, 2) if axis == "input" else (1, 2))
         return pair_scale(p, q, w, w_sq, mag, axis, gain, detach)
 
-    args = (p, q, w, mag, gain)
-    got, want = ours(*args), dense(*args)
+    assert_scale_matches_dense(ours, dense, {"p": p, "q": q, "w": w, "mag": mag, "gain": gain}, gen, detach,
+                               gradcheck=mode == "exact" and gradcheck)
+
+
+def assert_scale_matches_dense(ours, dense, args, gen, detach, gradcheck):
+    """ours(*args) against dense(*args) in fp64: values, and the gradients of every tensor argument
+    (named by args' keys; the last is the gain, a number or a tensor) under random output weights."""
+    values = list(args.values())
+    got, want = ours(*values), dense(*values)
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
     weights = torch.randn(got.shape, generator=gen, dtype=torch.float64)
-    params = [a for a in args if isinstance(a, torch.Tensor)]
+    named = [(k, v) for k, v in args.items() if isinstance(v, torch.Tensor)]
+    params = [v for _, v in named]
     g_got = torch.autograd.grad((got * weights).sum(), params, allow_unused=True)
     g_want = torch.autograd.grad((want * weights).sum(), params, allow_unused=True)
-    for name, a, b, x in zip("p q w mag gain".split(), g_got, g_want, params):
+    for (name, x), a, b in zip(named, g_got, g_want):
         a, b = (torch.zeros_like(x) if v is None else v for v in (a, b))
         assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), (name, (a - b).abs().max())
         if name == "mag" or not detach:  # a real comparison, not of two zeros
             assert float(b.abs().max()) > 0, name
-    if mode == "exact" and gradcheck:
-        assert torch.autograd.gradcheck(lambda *a: ours(*a, 0.7), (p, q, w, mag))
+    if gradcheck:
+        assert torch.autograd.gradcheck(lambda *a: ours(*a, 0.7), tuple(values[:-1]))
 
 
 @pytest.mark.parametrize("axis", ["input", "output"])
@@ -350,20 +358,8 @@ def test_kron_scale_against_the_dense_norm_in_fp64(axis, shape, mode):
         w_sq = w.reshape(out, inn, k).pow(2).sum(dims)
         return kron_scale(w1, w2, w, w_sq, mag, axis, gain, detach)
 
-    args = (w1, w2, w, mag, gain)
-    got, want = ours(*args), dense(*args)
-    assert torch.allclose(got, want, rtol=1e-12, atol=0)
-    weights = torch.randn(got.shape, generator=gen, dtype=torch.float64)
-    params = [x for x in args if isinstance(x, torch.Tensor)]
-    g_got = torch.autograd.grad((got * weights).sum(), params, allow_unused=True)
-    g_want = torch.autograd.grad((want * weights).sum(), params, allow_unused=True)
-    for name, x, y, p in zip("w1 w2 w mag gain".split(), g_got, g_want, params):
-        x, y = (torch.zeros_like(p) if v is None else v for v in (x, y))
-        assert torch.allclose(x, y, rtol=1e-9, atol=1e-12), (name, (x - y).abs().max())
-        if name == "mag" or not detach:
-            assert float(y.abs().max()) > 0, name
-    if mode == "exact":
-        assert torch.autograd.gradcheck(lambda *x: ours(*x, 0.7), (w1, w2, w, mag))
+    assert_scale_matches_dense(ours, dense, {"w1": w1, "w2": w2, "w": w, "mag": mag, "gain": gain}, gen, detach,
+                               gradcheck=mode == "exact")
 
 
 @pytest.mark.parametrize("algo", ["locon", "loha", "lokr"])

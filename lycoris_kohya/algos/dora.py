@@ -129,10 +129,12 @@ def pair_scale(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor, w_sq: torch.Te
     return _PairScale.apply(p, q, w, w_sq, magnitude, gain)
 
 
-def _kron_view(w: torch.Tensor, a: int, b: int, c: int, dk: int, axis: str) -> torch.Tensor:
-    """The flattened [a*b, c*dk] weight as the batch of small matrices that meet w1 in one pass, a
-    view in place (no W-sized temporary): input axis, batch (q, i) holds W[:, q, i, :] [a, dk];
-    output axis, batch (p, q) holds one row of W as [c, dk]."""
+def _kron_view(w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, axis: str) -> torch.Tensor:
+    """The flattened [a*b, c*dk] weight, in the factors' dtype, as the batch of small matrices that
+    meet w1 [a, c] in one pass, a view (no W-sized temporary when W is already in that dtype): input
+    axis, batch (q, i) holds W[:, q, i, :] [a, dk]; output axis, batch (p, q) holds one row as [c, dk]."""
+    (a, c), (b, dk) = w1.shape, w2.shape
+    w = w.to(w1.dtype).contiguous()
     if axis == INPUT:
         return w.as_strided((b * c, a, dk), (dk, b * c * dk, 1))
     return w.reshape(a * b, c, dk)
@@ -146,7 +148,7 @@ def _kron_norm(w1, w2, w, w_sq, gain, axis) -> Tuple[torch.Tensor, torch.Tensor]
       output: S[p,q,x] = sum_i w1[p,i] W[p,q,i,x];  <W, dW>_(p,q) = sum_x w2[q,x] S[p,q,x];
               ||dW_(p,q)||^2 = (sum_i w1[p,i]^2) (sum_x w2[q,x]^2)"""
     (a, c), (b, dk) = w1.shape, w2.shape
-    view = _kron_view(w.to(w1.dtype).contiguous(), a, b, c, dk, axis)
+    view = _kron_view(w, w1, w2, axis)
     if axis == INPUT:
         lhs = w1.T[None, :, None, :].expand(b, c, 1, a).reshape(b * c, 1, a)
         part = torch.bmm(lhs, view).reshape(b, c, dk)
@@ -179,7 +181,7 @@ class _KronScale(torch.autograd.Function):
         g, axis = ctx.gain, ctx.axis
         (a, c), (b, dk) = w1.shape, w2.shape
         cn = grad_s * s / (-2 * n * n)  # dL/d(n^2)
-        view = _kron_view(w.to(w1.dtype).contiguous(), a, b, c, dk, axis)
+        view = _kron_view(w, w1, w2, axis)
         if axis == INPUT:
             cols = cn.repeat_interleave(c * dk // n.shape[0]).reshape(c, dk)  # a conv's kernel positions
             u = w2[:, None, :] * cols  # [b, c, dk]
