@@ -209,7 +209,7 @@ def run_one(kind, config, args, latent):
         floor_step()
     pairs = [(floor_step(), step()) for _ in range(args.steps)]
     return {"t": statistics.median(a for _, a in pairs), "floor": statistics.median(f for f, _ in pairs),
-            "modules": modules, "first": first, "peak": peak}
+            "ratios": sorted(a / f for f, a in pairs), "modules": modules, "first": first, "peak": peak}
 
 
 def _child(conn, kind, config, args, latent):
@@ -286,9 +286,9 @@ def main(argv=None):
         start = measure_floor(args, latent)
         print(f"\n## latent {latent}: floor {start['t']:.3f} s/step at the start, {start['peak']:.0f} {unit}, "
               f"first step {start['first']:.1f} s\n")
-        print(f"| network | modules | s/step | floor s/step | x floor | x lycoris (time above floor) | peak {unit} "
-              f"| x kohya mem | x lycoris mem | first step s |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print(f"| network | modules | s/step | floor s/step | x floor | pair ratios min-max | x lycoris (time above floor) "
+              f"| peak {unit} | x kohya mem | x lycoris mem | first step s |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for config in rows:
             _, lyc_ok, kohya_ok = CONFIGS[config]
             results = {"ours": measure("ours", config, args, latent)}
@@ -303,19 +303,20 @@ def main(argv=None):
                 label = {"ours": "lycoris_kohya", "kohya": "networks.lora", "lycoris": "lycoris-lora"}[kind]
                 r, err = results[kind]
                 if err:
-                    print(f"| {label} {config} | – | failed: {err[:80]} | | | | | | | |", flush=True)
+                    print(f"| {label} {config} | – | failed: {err[:80]} | | | | | | | | |", flush=True)
                     continue
-                x = r["t"] / r["floor"]
+                x = statistics.median(r["ratios"])  # each step over the floor step next to it
+                spread = f"{r['ratios'][0]:.2f}-{r['ratios'][-1]:.2f}"
                 over = ""
                 if kind == "ours" and "lycoris" in ok:  # in ratios: each process has its own floor
-                    over = f"{(x - 1) / max(ok['lycoris']['t'] / ok['lycoris']['floor'] - 1, 1e-9):.2f}"
+                    over = f"{(x - 1) / max(statistics.median(ok['lycoris']['ratios']) - 1, 1e-9):.2f}"
                 km = f"{r['peak'] / ok['kohya']['peak']:.2f}" if "kohya" in ok else ""
                 lm = f"{r['peak'] / ok['lycoris']['peak']:.2f}" if kind == "ours" and "lycoris" in ok else ""
-                print(f"| {label} {config} | {r['modules']} | {r['t']:.3f} | {r['floor']:.3f} | {x:.2f} | {over} | "
+                print(f"| {label} {config} | {r['modules']} | {r['t']:.3f} | {r['floor']:.3f} | {x:.2f} | {spread} | {over} | "
                       f"{r['peak']:.0f} | {km} | {lm} | {r['first']:.1f} |", flush=True)
         end = measure_floor(args, latent)
-        print(f"\nfloor alone at the start and end: {start['t']:.3f}, {end['t']:.3f} s/step; each row's ratios use "
-              f"floor steps alternated with its own steps in the same process")
+        print(f"\nfloor alone at the start and end: {start['t']:.3f}, {end['t']:.3f} s/step; x floor is the median "
+              f"of each row's step/floor ratios, each step over the floor step alternated with it in the same process")
 
 
 if __name__ == "__main__":

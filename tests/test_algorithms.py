@@ -2,11 +2,8 @@
 formula written here from SPEC section 3 (independently of the package), for m in {0, 0.5, 1};
 save -> create_network_from_weights reproduces every layout exactly; merge_to at 0.5 equals
 W0 + 0.5*g*dW; peft's LoHa/LoKr layers agree on dW where peft's layout matches."""
-import itertools
-
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -156,7 +153,7 @@ def test_merge_to_at_half_strength(layout, tmp_path):
 
 
 def _peft_delta(kind, layer, r, alpha, tensors, **cfg):
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from peft.tuners.loha import LoHaConfig
     from peft.tuners.loha.layer import Conv2d as HaConv, Linear as HaLinear
     from peft.tuners.lokr import LoKrConfig

@@ -2,7 +2,6 @@
 V = W0 + g*dW; W_d = V * dora_scale / ||V|| (per input column or output row); W = W0 + m*(W_d - W0)."""
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -219,7 +218,7 @@ def test_bypass_mode_with_dora_is_refused():
 
 @pytest.mark.parametrize("algo", ["loha", "lokr"])
 def test_bypass_mode_without_dora_is_exact(algo):
-    unets, nets = [], []
+    unets = []
     for bypass in ("false", "true"):
         unet = ToyUNet()
         net = lycoris_kohya.create_network(0.7, 2, 3.0, None, [], unet, algo=algo, bypass_mode=bypass)

@@ -3,7 +3,6 @@ sd-scripts' ss_* keys or the sshs hashes A1111 reads (computed over ss_* metadat
 import hashlib
 import json
 
-import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file

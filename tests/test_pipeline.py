@@ -134,7 +134,7 @@ def test_several_files_any_removal_order(tiny_sd, tmp_path):
     pipe = sd1_pipeline(tiny_sd)
     before = snapshot(pipe)
     lyco = LycorisAdapters(pipe)
-    ha, hb, hc = lyco.load(a, 0.7), lyco.load(b, 0.5), lyco.load(c, -0.4)
+    ha, hb, _ = lyco.load(a, 0.7), lyco.load(b, 0.5), lyco.load(c, -0.4)
     # non-DoRA files add up: W0 + 0.7 dA + 0.5 dB - 0.4 dC (the order does not matter)
     want = outputs(*expected_models_from(pipe, before, [(sa, 0.7), (sb, 0.5), (sc, -0.4)]))
     assert_outputs(outputs(pipe.unet, tes_of(pipe)), want)
