@@ -208,8 +208,9 @@ def run_one(kind, config, args, latent):
     for _ in range(args.warmup):
         floor_step()
     pairs = [(floor_step(), step()) for _ in range(args.steps)]
+    ratios = sorted(a / f for f, a in pairs)  # each step over the floor step next to it
     return {"t": statistics.median(a for _, a in pairs), "floor": statistics.median(f for f, _ in pairs),
-            "ratios": sorted(a / f for f, a in pairs), "modules": modules, "first": first, "peak": peak}
+            "x": statistics.median(ratios), "ratios": ratios, "modules": modules, "first": first, "peak": peak}
 
 
 def _child(conn, kind, config, args, latent):
@@ -305,11 +306,11 @@ def main(argv=None):
                 if err:
                     print(f"| {label} {config} | – | failed: {err[:80]} | | | | | | | | |", flush=True)
                     continue
-                x = statistics.median(r["ratios"])  # each step over the floor step next to it
+                x = r["x"]
                 spread = f"{r['ratios'][0]:.2f}-{r['ratios'][-1]:.2f}"
                 over = ""
                 if kind == "ours" and "lycoris" in ok:  # in ratios: each process has its own floor
-                    over = f"{(x - 1) / max(statistics.median(ok['lycoris']['ratios']) - 1, 1e-9):.2f}"
+                    over = f"{(x - 1) / max(ok['lycoris']['x'] - 1, 1e-9):.2f}"
                 km = f"{r['peak'] / ok['kohya']['peak']:.2f}" if "kohya" in ok else ""
                 lm = f"{r['peak'] / ok['lycoris']['peak']:.2f}" if kind == "ours" and "lycoris" in ok else ""
                 print(f"| {label} {config} | {r['modules']} | {r['t']:.3f} | {r['floor']:.3f} | {x:.2f} | {spread} | {over} | "

@@ -10,7 +10,7 @@ from torch import nn
 import lycoris_kohya
 
 from conftest import randomize
-from oracle import apply_layer, cp, reference_delta  # noqa: F401  (re-exported for other tests)
+from oracle import apply_layer, reference_delta  # noqa: F401  (re-exported for other tests)
 
 
 class Transformer2DModel(nn.Module):  # the class name is what the default targets look for
