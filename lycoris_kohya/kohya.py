@@ -7,7 +7,7 @@ import logging
 from . import specs as sp
 from . import targets as tg
 from . import weights as wio
-from .algos.base import LayerGeometry
+from .algos.geometry import LayerGeometry
 from .config import parse_bool, parse_config
 from .network import LycorisNetwork
 

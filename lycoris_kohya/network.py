@@ -1,7 +1,6 @@
 """The network: adapters built from a config (or from a file's layouts), and the kohya protocol."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -11,12 +10,15 @@ import torch
 from torch import nn
 
 from . import blocks
+from . import norms
 from . import presets
 from . import targets as tg
 from . import weights as wio
+from ._version import __version__
 from .algos import ALGORITHMS, Adapter
-from .algos.base import storable_alpha
+from .algos.geometry import storable_alpha
 from .config import ConfigError, NetworkConfig, validate
+from .param_groups import param_groups
 from .specs import ModuleSpec
 
 logger = logging.getLogger(__name__)
@@ -123,10 +125,14 @@ class LycorisNetwork(nn.Module):
             logger.warning("lycoris_kohya: DoRA on the output axis (wd_on_output=True): ComfyUI and A1111 do not yet "
                            "apply this axis the way it was trained (ComfyUI divides by ||W0||, A1111 only knows the "
                            "input axis); the default input axis behaves identically everywhere")
-        forced = [a.lora_name for a in self.loras if getattr(a, "forced_full", False)]
-        if forced:
-            logger.warning(f"lycoris_kohya: LoKr rank is too large for the factor of {len(forced)} modules "
-                           f"(e.g. {forced[0]}); their large factor lokr_w2 is a full matrix")
+        planned: Dict[str, List[str]] = {}
+        for a in self.loras:
+            if a.plan_warning:
+                planned.setdefault(a.plan_warning, []).append(a.lora_name)
+        for why, names in planned.items():
+            first, rest = why.split("; ", 1) if "; " in why else (why, "")
+            logger.warning(f"lycoris_kohya: {first} of {len(names)} modules (e.g. {names[0]})"
+                           + (f"; {rest}" if rest else ""))
         if specs is None and any(a.algo == "lokr" and a.layout.tucker for a in self.loras):
             logger.warning("lycoris_kohya: LoKr with use_tucker writes lokr_t2, which ComfyUI does not apply "
                            "(it fails silently); A1111 and this plugin do")
@@ -156,13 +162,12 @@ class LycorisNetwork(nn.Module):
         return spec_from_config(cfg, target)
 
     def _make(self, target: tg.Target, spec: ModuleSpec, alpha: float) -> Adapter:
-        cls, _ = ALGORITHMS[spec.algo]
         cfg = self.config
         dropout, rank_dropout, module_dropout = spec.dropouts or (cfg.dropout, cfg.rank_dropout, cfg.module_dropout)
         try:
-            return cls(
-                target.name, target.layer, rank=spec.rank, alpha=alpha, multiplier=self.multiplier,
-                dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
+            return Adapter(
+                target.name, target.layer, ALGORITHMS[spec.algo], rank=spec.rank, alpha=alpha, layout=spec.layout,
+                multiplier=self.multiplier, dropout=dropout, rank_dropout=rank_dropout, module_dropout=module_dropout,
                 dora_axis=spec.dora_axis, dora_detach_norm=cfg.dora_detach_norm, bypass=cfg.bypass_mode,
                 forward_path=cfg.forward_path,
                 **spec.options,
@@ -203,26 +208,6 @@ class LycorisNetwork(nn.Module):
             a.enabled = bool(is_enabled)
 
     # ----- optimizer ---------------------------------------------------------------------------
-    def _groups(self, adapters: Sequence[Adapter], lr: Optional[float], ratio: Optional[float], label: str):
-        plain, plus = [], []
-        for a in adapters:
-            plus_names = set(a.plus_suffixes)
-            for pname, p in a.named_parameters():
-                (plus if ratio is not None and pname in plus_names else plain).append(p)
-        groups, descriptions = [], []
-        for params, desc, factor in ((plain, label, 1.0), (plus, f"{label} plus", ratio)):
-            if not params:
-                continue
-            group = {"params": params}
-            if lr is not None:
-                group["lr"] = lr * factor
-                if group["lr"] == 0:
-                    logger.info(f"lycoris_kohya: {desc} has learning rate 0; left out of the optimizer")
-                    continue
-            groups.append(group)
-            descriptions.append(desc)
-        return groups, descriptions
-
     def prepare_optimizer_params(self, text_encoder_lr=None, unet_lr=None, default_lr=None):
         if isinstance(text_encoder_lr, (list, tuple)):
             return self.prepare_optimizer_params_with_multiple_te_lrs(text_encoder_lr, unet_lr, default_lr)
@@ -230,44 +215,14 @@ class LycorisNetwork(nn.Module):
             None if text_encoder_lr is None else [text_encoder_lr], unet_lr, default_lr)
 
     def prepare_optimizer_params_with_multiple_te_lrs(self, text_encoder_lr, unet_lr=None, default_lr=None):
-        """One group per text encoder and one for the U-Net/DiT, each split in two when a LoRA+ ratio is set.
-        Text encoder i gets the list's entry i (i: its place in the trainer's list, e.g. Flux CLIP-L 0,
-        T5-XXL 1; SD3 CLIP-L 0, CLIP-G 1, T5-XXL 2), or the last entry if the list is shorter, as sd-scripts'
-        own LoRA does."""
+        """(param_groups, descriptions): see ``param_groups``."""
         self.requires_grad_(True)
         if isinstance(text_encoder_lr, (int, float)):
             text_encoder_lr = [text_encoder_lr]
-        te_lrs = list(text_encoder_lr or [])
-        groups, descriptions = [], []
-
-        by_prefix: Dict[str, List[Adapter]] = {}
-        for a in self.text_encoder_loras:
-            by_prefix.setdefault(tg.te_prefix_of(a.lora_name), []).append(a)
-        te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
-        order = self.family.te_prefixes or sorted(by_prefix)
-        for i, (prefix, adapters) in enumerate(sorted(by_prefix.items())):
-            at = order.index(prefix) if prefix in order else i
-            lr = te_lrs[at] if at < len(te_lrs) else (te_lrs[-1] if te_lrs else default_lr)
-            label = "textencoder" if len(by_prefix) == 1 else f"textencoder {i + 1}"
-            g, d = self._groups(adapters, lr, te_ratio, label)
-            groups += g
-            descriptions += d
-        unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
-        lr = unet_lr if unet_lr is not None else default_lr
-        if self.unet_loras and self.block_lr_weight is None:
-            g, d = self._groups(self.unet_loras, lr, unet_ratio, "unet")
-            groups += g
-            descriptions += d
-        elif self.unet_loras:  # one group per block, lr x the block's weight (kohya's block lr)
-            by_block: Dict[int, List[Adapter]] = {}
-            for a in self.unet_loras:
-                by_block.setdefault(blocks.block_index(a.lora_name, self.is_sdxl), []).append(a)
-            for idx, adapters in sorted(by_block.items()):
-                weight = self.block_lr_weight[idx] if idx >= 0 else 1.0
-                g, d = self._groups(adapters, None if lr is None else lr * weight, unet_ratio, f"unet_block{idx}")
-                groups += g
-                descriptions += d
-        return groups, descriptions
+        return param_groups(
+            self.text_encoder_loras, self.unet_loras, self.family.te_prefixes, list(text_encoder_lr or []),
+            unet_lr, default_lr, self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio,
+            self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio, self.block_lr_weight, self.is_sdxl)
 
     def set_loraplus_lr_ratio(self, loraplus_lr_ratio, loraplus_unet_lr_ratio, loraplus_text_encoder_lr_ratio):
         self.loraplus_lr_ratio = loraplus_lr_ratio
@@ -289,49 +244,20 @@ class LycorisNetwork(nn.Module):
     def get_trainable_params(self):
         return [p for p in self.parameters() if p.requires_grad]
 
-    # ----- --scale_weight_norms ------------------------------------------------------------------
-    @torch.no_grad()
+    # ----- --scale_weight_norms, and the norms sd-scripts logs without it -----------------------
     def apply_max_norm_regularization(self, max_norm_value, device=None) -> Tuple[int, float, float]:
-        """For every module, n = ||g*dW||_F (multiplier 1, no dropout). Where n > max_norm_value the
-        module's factors are rescaled so that n == max_norm_value. Returns (modules rescaled, mean
-        norm, max norm) over all modules after rescaling, as Python numbers."""
-        limit = float(max_norm_value)
-        self.check_finite()
-        norms: List[float] = []
-        keys_scaled = 0
-        for a in self.loras:
-            n = self._delta_norm(a)
-            if n > limit:
-                a.rescale_delta(limit / n)
-                n = a.delta_norm()
-                keys_scaled += 1
-            norms.append(n)
-        if not norms:
-            return 0, 0.0, 0.0
-        return keys_scaled, sum(norms) / len(norms), max(norms)
+        """(modules rescaled, mean norm, max norm) as Python numbers: see ``norms.max_norm``."""
+        return norms.max_norm(self.loras, max_norm_value)
 
-    # ----- norms sd-scripts logs without --scale_weight_norms (norm/avg_key_norm, ...) ----------------
     # train_network.py, per optimizer step: backward -> update_grad_norms() -> update_norms() ->
     # optimizer.step() -> zero_grad(set_to_none) -> weight_norms(), grad_norms(), combined_weight_norms()
     # (the last three on every micro-step), each a tensor or None of which it logs .mean()/.max().
-    @torch.no_grad()
     def update_grad_norms(self) -> None:
-        """Per module, the norm of the gradient of all its trainable tensors, taken while the
-        gradients exist (sd-scripts zeroes them before asking for grad_norms)."""
-        norms = []
-        for a in self.loras:
-            grads = [p.grad for p in a.parameters() if p.grad is not None]
-            if grads:
-                norms.append(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-        self._grad_norms = torch.stack([n.cpu() for n in norms]) if norms else None
+        """Taken while the gradients exist (sd-scripts zeroes them before asking for grad_norms)."""
+        self._grad_norms = norms.grad_norms(self.loras)
 
-    @torch.no_grad()
     def update_norms(self) -> None:
-        """Per module ||g*dW||_F (multiplier 1, no dropout): the quantity --scale_weight_norms bounds,
-        from each adapter's delta_norm() (no dense delta where a factor identity exists). Checks
-        every tensor first, as max-norm does (a NaN/Inf stops training, naming it)."""
-        self.check_finite()
-        self._weight_norms = torch.tensor([self._delta_norm(a) for a in self.loras], dtype=torch.float32)
+        self._weight_norms = norms.weight_norms(self.loras)
 
     def weight_norms(self) -> Optional[torch.Tensor]:
         """The per-module norms of the last update_norms() (computed now if there was none)."""
@@ -348,36 +274,15 @@ class LycorisNetwork(nn.Module):
         report a number it does not compute."""
         return None
 
+    def check_finite(self) -> None:
+        norms.check_finite(self.loras)
+
     # ----- gen_img.py regional prompting ---------------------------------------------------------
     def set_region(self, sub_prompt_index, is_last_network, mask):
         raise NotImplementedError(_REGIONAL)
 
     def set_current_generation(self, batch_size, num_sub_prompts, width, height, shared, ds_ratio=None):
         raise NotImplementedError(_REGIONAL)
-
-    def check_finite(self) -> None:
-        """Raise FloatingPointError naming every adapter tensor that holds a NaN or an Inf.
-
-        Called every step by the norm methods: a non-finite factor never recovers (every later
-        output is NaN), max-norm cannot rescale it (and would zero a module whose norm is Inf), and
-        save_weights refuses to write it; stopping at the step it appears keeps the last good file
-        and says where training diverged."""
-        named = {f"{a.lora_name}.{k}": t for a in self.loras for k, t in a.named_parameters()}
-        bad = wio.non_finite(named)
-        if bad:
-            more = f" (and {len(bad) - 1} more: {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})" \
-                if len(bad) > 1 else ""
-            raise FloatingPointError(
-                f"lycoris_kohya: {bad[0]} holds NaN or Inf{more}: training diverged. Files saved before "
-                "this step are intact; lower the learning rate, or check --mixed_precision / --full_fp16")
-
-    @staticmethod
-    def _delta_norm(a: Adapter) -> float:
-        n = a.delta_norm()
-        if not math.isfinite(n):  # finite tensors (checked) whose ||g*dW|| overflows the dtype
-            raise FloatingPointError(f"lycoris_kohya: {a.lora_name}: ||g*dW|| = {n} although its tensors are finite: "
-                                     "the update overflows its dtype")
-        return n
 
     # ----- files -------------------------------------------------------------------------------
     def load_weights(self, file: str):
@@ -434,19 +339,13 @@ class LycorisNetwork(nn.Module):
         made by create_network_from_weights): algorithms, DoRA axis, module counts per prefix, and a
         summary of the modules' layouts (algo, layer kind, rank, alpha, layout flags, DoRA axis),
         read from the tensors by each algorithm's own ``layout()``."""
-        from . import __version__
-
         groups: Dict[str, Dict[str, object]] = {}
         prefixes: Dict[str, int] = {}
         for a in self.loras:
-            info = dict(ALGORITHMS[a.algo][1].layout(a.export_tensors(), a.geometry))
-            flags = {}
-            for k, v in info.items():  # the booleans of the layout (Tucker, low-rank factors), not sizes
-                v = dataclasses.asdict(v) if dataclasses.is_dataclass(v) else {k: v}
-                flags.update({kk: vv for kk, vv in v.items() if isinstance(vv, bool) and kk != "use_alpha"})
+            layout = a.algorithm.layout(a.export_tensors(), a.geometry)  # as a reader of the file sees it
             g = a.geometry
             entry = {"algo": a.algo, "layer": "linear" if not g.is_conv else "conv" + "x".join(map(str, g.kernel)),
-                     "rank": int(info["rank"]), "alpha": float(a.alpha), "dora_axis": a.dora_axis, **flags}
+                     "rank": int(layout.rank), "alpha": float(a.alpha), "dora_axis": a.dora_axis, **layout.flags()}
             key = json.dumps(entry, sort_keys=True)
             groups.setdefault(key, dict(entry, modules=0))["modules"] += 1
             prefix = "_".join(a.lora_name.split("_")[:2])

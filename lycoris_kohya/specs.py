@@ -22,7 +22,8 @@ import torch
 
 from .algos import ALGORITHMS, ALPHA, DORA_SCALE, detect
 from .algos import dora as dora_math
-from .algos.base import LayerGeometry, alpha_scale
+from .algos.algorithm import Layout
+from .algos.geometry import LayerGeometry
 
 Shape = Tuple[int, ...]
 #: a module stored as the full weight difference itself (``<name>.diff``, shaped like the weight):
@@ -37,10 +38,13 @@ class ModuleSpec:
     algo: str
     rank: int
     alpha: float
+    #: what the algorithm plans a layout from (use_tucker; LoKr: factor, decompose_both, ...), and use_scalar
     options: Dict[str, object] = field(default_factory=dict)
     dora_axis: Optional[str] = None
     #: (dropout, rank_dropout, module_dropout) of this module; None: the network's
     dropouts: Optional[Tuple[Optional[float], Optional[float], Optional[float]]] = None
+    #: the algorithm's layout, given (a file's); None: planned from rank and options
+    layout: Optional[object] = None
 
 
 class ShapeUnknown(ValueError):
@@ -59,29 +63,9 @@ def group_by_module(sd: Mapping[str, torch.Tensor]) -> Dict[str, Dict[str, torch
 
 
 # ----- shapes from tensors ---------------------------------------------------------------------
-def _lokr_w1_dims(t: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
-    if "lokr_w1" in t:
-        return tuple(t["lokr_w1"].shape[:2])
-    return t["lokr_w1_a"].shape[0], t["lokr_w1_b"].shape[1]
-
-
 def flat_shape(algo: str, t: Mapping[str, torch.Tensor]) -> Tuple[int, int]:
     """[out, in*kh*kw] of the layer, which every algorithm's tensors determine."""
-    if algo == "locon":
-        up, down, mid = t["lora_up.weight"], t["lora_down.weight"], t.get("lora_mid.weight")
-        k = math.prod(mid.shape[2:]) if mid is not None else 1
-        return up.shape[0], down[0].numel() * k
-    if algo == "loha":
-        if "hada_t1" in t:
-            return t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1] * math.prod(t["hada_t1"].shape[2:])
-        return t["hada_w1_a"].shape[0], t["hada_w1_b"].shape[1]
-    a, c = _lokr_w1_dims(t)
-    if "lokr_w2" in t:
-        w2 = t["lokr_w2"]
-        return a * w2.shape[0], c * w2[0].numel()
-    if "lokr_t2" in t:
-        return a * t["lokr_w2_a"].shape[1], c * t["lokr_w2_b"].shape[1] * math.prod(t["lokr_t2"].shape[2:])
-    return a * t["lokr_w2_a"].shape[0], c * t["lokr_w2_b"].shape[1]
+    return ALGORITHMS[algo].flat_shape(t)
 
 
 def _shape_with_dora(flat: Tuple[int, int], scale: Optional[torch.Tensor]) -> Optional[Shape]:
@@ -103,22 +87,8 @@ def _shape_with_dora(flat: Tuple[int, int], scale: Optional[torch.Tensor]) -> Op
 def shape_from_tensors(algo: str, t: Mapping[str, torch.Tensor]) -> Optional[Shape]:
     """The base weight's shape from a module's stored tensors (dora_scale included), or None
     when they do not determine it (see the module docstring)."""
-    if algo == "locon":
-        up, down, mid = t["lora_up.weight"], t["lora_down.weight"], t.get("lora_mid.weight")
-        if up.dim() == 2:
-            return (up.shape[0], down.shape[1])
-        kernel = tuple(mid.shape[2:]) if mid is not None else tuple(down.shape[2:])
-        return (up.shape[0], down.shape[1], *kernel)
-    if algo == "loha" and "hada_t1" in t:
-        return (t["hada_w1_a"].shape[1], t["hada_w1_b"].shape[1], *t["hada_t1"].shape[2:])
-    if algo == "lokr":
-        a, c = _lokr_w1_dims(t)
-        if "lokr_w2" in t:
-            w2 = t["lokr_w2"]
-            return (a * w2.shape[0], c * w2.shape[1], *w2.shape[2:])
-        if "lokr_t2" in t:
-            return (a * t["lokr_w2_a"].shape[1], c * t["lokr_w2_b"].shape[1], *t["lokr_t2"].shape[2:])
-    return _shape_with_dora(flat_shape(algo, t), t.get(DORA_SCALE))
+    shape = ALGORITHMS[algo].weight_shape(t)
+    return shape if shape is not None else _shape_with_dora(flat_shape(algo, t), t.get(DORA_SCALE))
 
 
 def _dora_axis_without_shape(scale: torch.Tensor, out: int) -> str:
@@ -139,7 +109,7 @@ class StoredModule:
     alpha: Optional[float]  # as stored; None: no alpha tensor (g = 1)
     rank: int
     scale: float  # g: alpha/rank, 1 without alpha or for LoKr with both factors full
-    options: Dict[str, object]  # layout facts (use_tucker; LoKr: its LoKrLayout)
+    layout: Optional[Layout]  # the algorithm's layout (None for a full difference)
     dora_scale: Optional[torch.Tensor]
     dora_axis: Optional[str]
     weight_shape: Optional[Shape]  # None: not determined by the file (see the module docstring)
@@ -147,15 +117,19 @@ class StoredModule:
 
     @property
     def tucker(self) -> bool:
-        lay = self.options.get("layout")
-        return bool(lay.tucker if lay is not None else self.options.get("use_tucker"))
+        return bool(self.layout is not None and self.layout.tucker)
 
     @property
     def spec(self) -> ModuleSpec:
         if self.algo == DIFF:
             raise ValueError(f"{self.name}: a full weight difference ({DIFF}) is not a trainable adapter")
         alpha = self.alpha if self.alpha is not None else float(self.rank)  # every reader: g = 1
-        return ModuleSpec(self.algo, self.rank, alpha, dict(self.options), self.dora_axis)
+        return ModuleSpec(self.algo, self.rank, alpha, {}, self.dora_axis, layout=self.layout)
+
+    @property
+    def rank_bound(self) -> Optional[int]:
+        """An upper bound of the rank of the flattened g*dW, from the layout (None for a full difference)."""
+        return None if self.algo == DIFF else ALGORITHMS[self.algo].rank_bound(self.factors)
 
     def n_params(self) -> int:
         extra = (self.dora_scale.numel() if self.dora_scale is not None else 0) + (self.alpha is not None)
@@ -186,9 +160,8 @@ class StoredModule:
     def _unscaled(self, shape: Sequence[int]) -> torch.Tensor:
         if self.algo == DIFF:
             return self.factors[DIFF].float().reshape(tuple(shape))
-        _, math_ = ALGORITHMS[self.algo]
         t = {k: v.float() for k, v in self.factors.items()}
-        return math_.delta(t, tuple(shape)).reshape(tuple(shape))
+        return ALGORITHMS[self.algo].delta(t, tuple(shape)).reshape(tuple(shape))
 
     def delta(self) -> torch.Tensor:
         """g * dW in fp32, shaped like the base weight."""
@@ -224,7 +197,7 @@ def read_module(name: str, tensors: Mapping[str, torch.Tensor], shape: Optional[
     if DIFF in tensors:
         return _read_diff(name, tensors, shape)
     algo = detect(name, tensors)
-    _, math_ = ALGORITHMS[algo]
+    algorithm = ALGORITHMS[algo]
     factors = {k: v for k, v in tensors.items() if k not in (ALPHA, DORA_SCALE)}
     scale_t = tensors.get(DORA_SCALE)
     try:
@@ -233,19 +206,17 @@ def read_module(name: str, tensors: Mapping[str, torch.Tensor], shape: Optional[
         else:
             known = shape_from_tensors(algo, tensors)
         flat = (known[0], math.prod(known[1:])) if known is not None else flat_shape(algo, factors)
-        geometry = LayerGeometry(known[0], known[1], tuple(known[2:])) if known else LayerGeometry(*flat)
-        info = dict(math_.layout(factors, geometry))
+        geometry = LayerGeometry.of_shape(known) if known else LayerGeometry(*flat)
+        layout = algorithm.layout(factors, geometry)
         axis = None
         if scale_t is not None:
             axis = (dora_math.axis_of(scale_t.shape, known) if known is not None
                     else _dora_axis_without_shape(scale_t, flat[0]))
     except (ValueError, KeyError, IndexError) as e:
         raise ValueError(f"{name}: {e}") from None
-    rank = int(info.pop("rank"))
-    use_alpha = bool(info.pop("use_alpha", True))
     alpha = float(tensors[ALPHA]) if ALPHA in tensors else None
-    scale = alpha_scale(alpha, rank) if use_alpha else 1.0
-    return StoredModule(name, algo, factors, alpha, rank, scale, info, scale_t, axis, known, flat)
+    return StoredModule(name, algo, factors, alpha, int(layout.rank), algorithm.scale(layout, alpha), layout,
+                        scale_t, axis, known, flat)
 
 
 def _read_diff(name: str, tensors: Mapping[str, torch.Tensor], shape: Optional[Sequence[int]]) -> StoredModule:
@@ -257,7 +228,7 @@ def _read_diff(name: str, tensors: Mapping[str, torch.Tensor], shape: Optional[S
     if math.prod(known) != d.numel() or known[0] != d.shape[0]:
         raise ValueError(f"{name}: {DIFF} has shape {list(d.shape)}, the layer needs {list(known)}")
     flat = (known[0], math.prod(known[1:]))
-    return StoredModule(name, DIFF, {DIFF: d}, None, min(flat), 1.0, {}, None, None, known, flat)
+    return StoredModule(name, DIFF, {DIFF: d}, None, min(flat), 1.0, None, None, None, known, flat)
 
 
 def read_modules(sd: Mapping[str, torch.Tensor], shapes: Optional[Mapping[str, Sequence[int]]] = None,

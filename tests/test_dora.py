@@ -1,5 +1,6 @@
 """DoRA (dora_wd=True) on LoCon, LoHa and LoKr, against the formula of SPEC section 3 written here:
 V = W0 + g*dW; W_d = V * dora_scale / ||V|| (per input column or output row); W = W0 + m*(W_d - W0)."""
+import functools
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -273,7 +274,7 @@ def test_pair_scale_against_the_dense_norm_in_fp64(axis, group, mode, size, monk
     magnitude / ||W + g P^T Q|| built densely, values and gradients of every input (W through ||W||^2
     too, as when the base below is another trainable network), in fp64. "wide" is big enough that
     the products with W run split across 2 CPU threads (torch_ops.weight_mm)."""
-    from lycoris_kohya.algos.dora import pair_scale
+    from lycoris_kohya.algos.dora_norms import pair_scale
 
     gen = torch.Generator().manual_seed(group)
     out, inn, r = (7, 5, 3) if size == "small" else (520, 516, 3)
@@ -336,7 +337,7 @@ def test_kron_scale_against_the_dense_norm_in_fp64(axis, shape, mode):
     """dora.kron_scale (LoKr's norms from one pass over W, hand-written backward) against
     magnitude / ||W + g kron(w1, w2)|| with torch.kron built densely: values and gradients of w1, w2,
     W, ||W||^2, magnitude and the gain, in fp64; conv-like kernel positions summed per channel."""
-    from lycoris_kohya.algos.dora import kron_scale
+    from lycoris_kohya.algos.dora_norms import kron_scale
 
     a, b, c, d, k = shape
     out, inn = a * b, c * d
@@ -371,7 +372,7 @@ def test_a_bf16_base_is_not_held_in_fp32_between_forward_and_backward(algo, axis
     torch.manual_seed(0)
     layer = nn.Linear(96, 80) if kind == "linear" else nn.Conv2d(24, 20, 3, padding=1)
     layer.requires_grad_(False).to(torch.bfloat16)
-    cls = lycoris_kohya.algos.ALGORITHMS[algo][0]
+    cls = functools.partial(lycoris_kohya.algos.Adapter, algorithm=lycoris_kohya.algos.ALGORITHMS[algo])
     a = cls("lora_x", layer, rank=4, alpha=2.0, dora_axis=axis, forward_path="structured")
     randomize(a, seed=1, std=0.2)
     a.apply_to()

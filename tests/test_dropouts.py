@@ -6,6 +6,7 @@
 - dropout: elementwise on the rank activation, scaled by 1/(1-p); deterministic in eval.
 - module_dropout: the whole module sits a call out.
 None of them acts in eval mode, in max-norm or in merges."""
+import functools
 import itertools
 
 import pytest
@@ -24,7 +25,7 @@ COMPONENT = {"locon": ("lora_up.weight", 1), "loha": ("hada_w2_b", 0), "lokr": (
 def adapter(kind, layer, rank=2, **kw):
     algo = "lokr" if kind.startswith("lokr") else kind
     extra = {"full_matrix": True} if kind == "lokr_full" else {}
-    cls = lycoris_kohya.algos.ALGORITHMS[algo][0]
+    cls = functools.partial(lycoris_kohya.algos.Adapter, algorithm=lycoris_kohya.algos.ALGORITHMS[algo])
     a = cls("lora_x", layer, rank=rank, alpha=2.0, forward_path="structured", **extra, **kw)
     randomize(a, seed=3, std=0.3)
     a.apply_to()

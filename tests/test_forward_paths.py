@@ -2,12 +2,13 @@
 tests/oracle.py: outputs and gradients (input, factors, scalar, magnitude), in fp32, in bf16 and
 under bf16 autocast. The paths are forced with forward_path=fold|structured; 'auto' picks one of
 them per call, so it is covered by these two plus the cost-model test below."""
+import functools
 import pytest
 import torch
 from torch import nn
 
 import lycoris_kohya
-from lycoris_kohya.algos.base import LayerGeometry
+from lycoris_kohya.algos.geometry import LayerGeometry
 
 from conftest import randomize
 from oracle import adapter_sd, apply_layer, column_norm, reference_delta, row_norm, trained_weight
@@ -130,24 +131,24 @@ def test_cost_model_folds_many_tokens_and_keeps_few_structured():
     """SD1.5-wide layers: a training step at latent 8 (4 tokens) runs the structured path; gen_img at
     latent 64 (4096 tokens, no grad) folds; the override wins either way."""
     lin = nn.Linear(1280, 1280)
-    a = lycoris_kohya.algos.ALGORITHMS["loha"][0]("x", lin, rank=8, alpha=4.0)
+    a = functools.partial(lycoris_kohya.algos.Adapter, algorithm=lycoris_kohya.algos.ALGORITHMS["loha"])("x", lin, rank=8, alpha=4.0)
     a.apply_to()
     few, many = torch.randn(1, 4, 1280), torch.randn(1, 4096, 1280)
     a.train()
-    assert not a._fold(few, (), {})
+    assert not a.folds(few, (), {})
     with torch.no_grad():
-        assert a._fold(many, (), {})
+        assert a.folds(many, (), {})
     a.forward_path = "fold"
-    assert a._fold(few, (), {})
+    assert a.folds(few, (), {})
     a.forward_path = "structured"
     with torch.no_grad():
-        assert not a._fold(many, (), {})
+        assert not a.folds(many, (), {})
     # and never fold over a forward that someone else installed
     a.forward_path = "fold"
     a.remove()
     lin.forward = lambda x, f=lin.forward: f(x)
     a.apply_to()
-    assert not a._fold(many, (), {})
+    assert not a.folds(many, (), {})
 
 
 def test_structured_paths_do_not_build_the_dense_delta(monkeypatch):
@@ -155,7 +156,7 @@ def test_structured_paths_do_not_build_the_dense_delta(monkeypatch):
     for layout in ("locon", "loha", "lokr", "lokr_tucker", "loha_tucker", "locon_tucker"):
         unet, net = build(layout, "structured", "none")
         for a in net.loras:
-            monkeypatch.setattr(a.math, "delta", lambda *args: pytest.fail(f"{layout}: dense delta built"))
+            monkeypatch.setattr(a.algorithm, "delta", lambda *args: pytest.fail(f"{layout}: dense delta built"))
             name = a.lora_name.replace("lora_unet_block_", "")
             getattr(unet.block, name)(INPUTS[name]()).sum().backward()
             monkeypatch.undo()

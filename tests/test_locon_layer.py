@@ -1,12 +1,17 @@
 """LoCon adapters against closed-form merged weights written here, independently of the package."""
+from functools import partial
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lycoris_kohya.algos.locon import LoConAdapter
+from lycoris_kohya.algos import Adapter
+from lycoris_kohya.algos.locon import LOCON
 
 from conftest import randomize
+
+LoConAdapter = partial(Adapter, algorithm=LOCON)
 
 
 def make(kind, use_tucker=False, rank=3, alpha=2.0, **kw):

@@ -86,11 +86,11 @@ def test_specs_from_model_shapes_equal_the_networks():
             s = specs[a.lora_name]
             assert (s.algo, s.dora_axis) == (a.algo, None)
             if a.algo == "lokr":
-                assert s.options["layout"].use_alpha == a.layout.use_alpha
+                assert s.layout.use_alpha == a.layout.use_alpha
                 if a.layout.use_alpha:
-                    assert s.options["layout"] == a.layout and s.rank == a.rank
+                    assert s.layout == a.layout and s.rank == a.rank
             else:
-                assert s.options["use_tucker"] == a.use_tucker
+                assert s.layout == a.layout
 
 
 @pytest.mark.parametrize("algo", ["locon", "locon_tucker", "loha", "lokr", "lokr_tucker"])

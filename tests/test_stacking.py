@@ -4,6 +4,7 @@ was installed before it. Non-DoRA: the output equals merging both in order. DoRA
 of the weight below (the layer plus the networks under it), which is what --network_merge computes
 when it merges in order, so unmerged and merged agree; over a hook that is not a weight change, the
 hook's output is kept and the DoRA module adds m*(W_d - W0)x with W_d from the layer's own weight."""
+import functools
 import itertools
 
 import pytest
@@ -73,7 +74,7 @@ OURS = {
 
 def ours(layer, kind, m, seed, path="auto"):
     cfg = dict(OURS[kind])
-    cls = lycoris_kohya.algos.ALGORITHMS[cfg.pop("algo")][0]
+    cls = functools.partial(lycoris_kohya.algos.Adapter, algorithm=lycoris_kohya.algos.ALGORITHMS[cfg.pop("algo")])
     a = cls(f"lora_{kind}", layer, rank=2, alpha=3.0, multiplier=m, forward_path=path, **cfg)
     randomize(a, seed=seed, std=0.2)
     if a.dora_axis is not None:

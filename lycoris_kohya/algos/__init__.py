@@ -1,25 +1,18 @@
-"""The algorithms, by name. Each entry pairs an Adapter class with its math module (``SUFFIXES``,
-``delta``, ``layout``, ``apply``, ``costs``, ``norm_sq``, ``dora_pair``, ``components``, LoKr's ``dora_kron``)."""
+"""The algorithms, by name: each an object owning its layout and math (``algorithm.py``)."""
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Dict, Mapping, Tuple, Type
+from typing import Dict, Mapping
 
 import torch
 
-from . import dora, loha, lokr, locon
-from .base import Adapter, LayerGeometry
-from .locon import LoConAdapter
-from .loha import LoHaAdapter
-from .lokr import LoKrAdapter
+from .adapter import Adapter
+from .algorithm import Algorithm
+from .geometry import LayerGeometry
+from .locon import LOCON
+from .loha import LOHA
+from .lokr import LOKR
 
-ALGORITHMS: Dict[str, Tuple[Type[Adapter], ModuleType]] = {
-    "locon": (LoConAdapter, locon),
-    "loha": (LoHaAdapter, loha),
-    "lokr": (LoKrAdapter, lokr),
-}
-for _cls, _math in ALGORITHMS.values():
-    _cls.math = _math
+ALGORITHMS: Dict[str, Algorithm] = {a.name: a for a in (LOCON, LOHA, LOKR)}
 
 ALPHA = "alpha"
 DORA_SCALE = "dora_scale"
@@ -28,11 +21,11 @@ DORA_SCALE = "dora_scale"
 def detect(name: str, tensors: Mapping[str, torch.Tensor]) -> str:
     """Which algorithm a module's stored tensors belong to, from their suffixes alone."""
     suffixes = set(tensors) - {ALPHA, DORA_SCALE}
-    for algo, (_, math) in ALGORITHMS.items():
-        if suffixes and suffixes <= set(math.SUFFIXES):
-            return algo
+    for algo in ALGORITHMS.values():
+        if algo.owns(suffixes):
+            return algo.name
     raise ValueError(f"{name}: unrecognised tensors {sorted(suffixes)}; known: "
-                     + "; ".join(f"{a}: {', '.join(m.SUFFIXES)}" for a, (_, m) in ALGORITHMS.items()))
+                     + "; ".join(f"{a.name}: {', '.join(a.suffixes)}" for a in ALGORITHMS.values()))
 
 
-__all__ = ["ALGORITHMS", "Adapter", "LayerGeometry", "detect", "dora"]
+__all__ = ["ALGORITHMS", "ALPHA", "Adapter", "Algorithm", "DORA_SCALE", "LayerGeometry", "detect"]

@@ -4,216 +4,21 @@
     W_d = V * dora_scale / ||V||      (norm per input column, or per output row)
     W   = W0 + m * (W_d - W0)          (m = multiplier: m=0 is exactly W0)
 
-The axis is recorded by ``dora_scale``'s shape: ``[1, in]`` / ``[1, in, 1, 1]`` for the input axis
-(what ComfyUI and A1111 both compute identically), ``[out, 1]`` / ``[out, 1, 1, 1]`` for the output
-axis (the DoRA paper's and peft's).
+``DoRA`` is what an adapter holds when it decomposes: the axis, the norm option and a cache of
+||W0||^2. It needs of the algorithm only ``delta`` and, where there is one, its product form
+(``factored``) for norms without a dense dW (``dora_norms``). The magnitude ``dora_scale`` is a
+parameter of the adapter (the file's key ``<module>.dora_scale``), so it moves with ``.to(device)``.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
-from .torch_ops import weight_mm
-
-INPUT = "input"
-OUTPUT = "output"
-
-
-def norm_dims(ndim: int, axis: str) -> tuple:
-    if axis == INPUT:
-        return (0, *range(2, ndim))  # over out and kernel dims: one norm per input column
-    if axis == OUTPUT:
-        return tuple(range(1, ndim))  # one norm per output row
-    raise ValueError(f"unknown DoRA axis {axis!r}; expected {INPUT!r} or {OUTPUT!r}")
-
-
-def weight_norm(w: torch.Tensor, axis: str) -> torch.Tensor:
-    """||w|| on the axis, keepdim, computed in fp32; shaped as ``dora_scale`` is stored."""
-    return torch.linalg.vector_norm(w.float(), dim=norm_dims(w.dim(), axis), keepdim=True)
-
-
-def scale_shape(weight_shape: Sequence[int], axis: str) -> tuple:
-    shape = [1] * len(weight_shape)
-    i = 1 if axis == INPUT else 0
-    shape[i] = weight_shape[i]
-    return tuple(shape)
-
-
-def axis_of(scale_shape_: Sequence[int], weight_shape: Sequence[int]) -> str:
-    """The axis a stored ``dora_scale`` means, from its shape alone."""
-    s, w = tuple(scale_shape_), tuple(weight_shape)
-    if len(s) == len(w) and s == scale_shape(w, INPUT):
-        return INPUT
-    if len(s) == len(w) and s == scale_shape(w, OUTPUT):
-        return OUTPUT
-    raise ValueError(f"dora_scale of shape {list(s)} fits neither axis of a weight {list(w)}")
-
-
-def direction_factor(
-    w0: torch.Tensor, scaled_delta: torch.Tensor, magnitude: torch.Tensor, axis: str, detach_norm: bool = False,
-) -> torch.Tensor:
-    """magnitude / ||W0 + g*dW|| on the axis, shaped like ``dora_scale`` (computed once per call).
-    ``detach_norm`` treats the norm as a constant in backward (the DoRA paper, section 4.3)."""
-    n = weight_norm(w0 + scaled_delta, axis)
-    if detach_norm:
-        n = n.detach()
-    return magnitude.reshape(n.shape) / n
-
-
-def norm_from_shift(w_sq: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """||W + g*dW|| on the axis, flat, from ||W||^2 (one per channel) and the change of the squared
-    norms per flattened column or row (a conv's kernel positions, adjacent, summed into their channel)."""
-    group = shift.shape[0] // w_sq.shape[0]
-    if group > 1:
-        shift = shift.reshape(-1, group).sum(1)
-    return (w_sq + shift).clamp_min(1e-24).sqrt()  # the clamp guards a zero column
-
-
-def _pair_terms(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor, gain) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(Z, (P P^T) Q) with Z = 2g*P W + g^2*(P P^T) Q: for dW = P^T Q ([R, rows]^T [R, cols]) and W
-    [rows, cols], ||W_j + g*dW_j||^2 - ||W_j||^2 = sum_R (Z * Q)[:, j] per column j (gain: a number,
-    or a tensor with use_scalar)."""
-    pq = (p @ p.T) @ q
-    pw = weight_mm(p, w.to(p.dtype))  # the factors' precision (fp32 in training); W itself may be half
-    return 2 * gain * pw + gain * gain * pq, pq
-
-
-def _pair_norm(p, q, w, w_sq, gain) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(||W + g*P^T Q|| per column or per channel of columns, Z, (P P^T) Q)."""
-    z, pq = _pair_terms(p, q, w, gain)
-    return norm_from_shift(w_sq, (z * q).sum(0)), z, pq
-
-
-class _PairScale(torch.autograd.Function):
-    """magnitude / ||W + g*P^T Q|| per column (adjacent columns per norm: a conv's kernel positions),
-    with a hand-written backward: one node instead of about ten, and no saved temporaries beyond Z
-    and (P P^T) Q; W is kept in its own dtype and cast again in backward. The norms' only reads of W
-    are P W forward and (c*Q) W^T backward."""
-
-    @staticmethod
-    def forward(ctx, p, q, w, w_sq, magnitude, gain: float):
-        n, z, pq = _pair_norm(p, q, w, w_sq, gain)
-        s = magnitude / n
-        ctx.save_for_backward(p, q, w, z, pq, n, s)
-        ctx.gain = gain
-        return s
-
-    @staticmethod
-    def backward(ctx, grad_s):
-        p, q, w, z, pq, n, s = ctx.saved_tensors
-        g, group = ctx.gain, q.shape[1] // n.shape[0]
-        c = grad_s * s / (-2 * n * n)  # dL/d(n^2)
-        cols = c if group == 1 else c.repeat_interleave(group)
-        cq = q * cols
-        # d/dQ of sum_j c_j (Z*Q)_j = c * (2gPW + 2g^2 PP^T Q); d/dP = 2g (cQ) W^T + 2g^2 (cQ Q^T) P
-        grad_q = torch.add(z, pq, alpha=g * g).mul_(cols)
-        grad_p = weight_mm(cq, w.to(p.dtype).T).mul_(2 * g).add_((cq @ q.T) @ p, alpha=2 * g * g)
-        grad_w = (2 * g * (p.T @ cq)).to(w.dtype) if ctx.needs_input_grad[2] else None
-        grad_w_sq = c if ctx.needs_input_grad[3] else None
-        return grad_p, grad_q, grad_w, grad_w_sq, grad_s / n, None
-
-
-def pair_scale(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor, w_sq: torch.Tensor, magnitude: torch.Tensor,
-               axis: str, gain, detach_norm: bool = False) -> torch.Tensor:
-    """s = magnitude / ||W + g*dW|| on the axis, flat, for dW = P^T Q on the flattened [out, in*k]
-    weight W (any dtype, used in the factors' dtype; P [R, out], Q [R, in*k], fp32), from P W (or Q W^T) and R x R Gram matrices,
-    without building dW. ``w_sq`` is ||W||^2 on the axis, flat."""
-    if axis == OUTPUT:  # the rows of W are the columns of W^T = Q^T P + ...
-        p, q, w = q, p, w.T
-    magnitude = magnitude.flatten()
-    if detach_norm or isinstance(gain, torch.Tensor):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_norm):
-            n = _pair_norm(p, q, w, w_sq, gain)[0]
-        return magnitude / n
-    return _PairScale.apply(p, q, w, w_sq, magnitude, gain)
-
-
-def _kron_view(w: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, axis: str) -> torch.Tensor:
-    """The flattened [a*b, c*dk] weight, in the factors' dtype, as the batch of small matrices that
-    meet w1 [a, c] in one pass, a view (no W-sized temporary when W is already in that dtype): input
-    axis, batch (q, i) holds W[:, q, i, :] [a, dk]; output axis, batch (p, q) holds one row as [c, dk]."""
-    (a, c), (b, dk) = w1.shape, w2.shape
-    w = w.to(w1.dtype).contiguous()
-    if axis == INPUT:
-        return w.as_strided((b * c, a, dk), (dk, b * c * dk, 1))
-    return w.reshape(a * b, c, dk)
-
-
-def _kron_norm(w1, w2, w, w_sq, gain, axis) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(||W + g*kron(w1, w2)|| per column or row (per channel of columns), the partial sums S).
-    With W[p,q,i,x] the flattened weight at row p*b+q, column i*dk+x:
-      input:  S[q,i,x] = sum_p w1[p,i] W[p,q,i,x];  <W, dW>_(i,x) = sum_q w2[q,x] S[q,i,x];
-              ||dW_(i,x)||^2 = (sum_p w1[p,i]^2) (sum_q w2[q,x]^2)
-      output: S[p,q,x] = sum_i w1[p,i] W[p,q,i,x];  <W, dW>_(p,q) = sum_x w2[q,x] S[p,q,x];
-              ||dW_(p,q)||^2 = (sum_i w1[p,i]^2) (sum_x w2[q,x]^2)"""
-    (a, c), (b, dk) = w1.shape, w2.shape
-    view = _kron_view(w, w1, w2, axis)
-    if axis == INPUT:
-        lhs = w1.T[None, :, None, :].expand(b, c, 1, a).reshape(b * c, 1, a)
-        part = torch.bmm(lhs, view).reshape(b, c, dk)
-        inner = (part * w2[:, None, :]).sum(0)
-        sq = w1.pow(2).sum(0)[:, None] * w2.pow(2).sum(0)[None, :]
-    else:
-        lhs = w1[:, None, None, :].expand(a, b, 1, c).reshape(a * b, 1, c)
-        part = torch.bmm(lhs, view).reshape(a, b, dk)
-        inner = (part * w2[None]).sum(2)
-        sq = w1.pow(2).sum(1)[:, None] * w2.pow(2).sum(1)[None, :]
-    return norm_from_shift(w_sq, (2 * gain * inner + gain * gain * sq).flatten()), part
-
-
-class _KronScale(torch.autograd.Function):
-    """magnitude / ||W + g*kron(w1, w2)|| on the axis with a hand-written backward, as _PairScale
-    for LoCon/LoHa: one node, the partial sums S saved (b*in or a*b*dk numbers), W read once
-    forward and once backward, in its own dtype."""
-
-    @staticmethod
-    def forward(ctx, w1, w2, w, w_sq, magnitude, gain: float, axis: str):
-        n, part = _kron_norm(w1, w2, w, w_sq, gain, axis)
-        s = magnitude / n
-        ctx.save_for_backward(w1, w2, w, part, n, s)
-        ctx.gain, ctx.axis = gain, axis
-        return s
-
-    @staticmethod
-    def backward(ctx, grad_s):
-        w1, w2, w, part, n, s = ctx.saved_tensors
-        g, axis = ctx.gain, ctx.axis
-        (a, c), (b, dk) = w1.shape, w2.shape
-        cn = grad_s * s / (-2 * n * n)  # dL/d(n^2)
-        view = _kron_view(w, w1, w2, axis)
-        if axis == INPUT:
-            cols = cn.repeat_interleave(c * dk // n.shape[0]).reshape(c, dk)  # a conv's kernel positions
-            u = w2[:, None, :] * cols  # [b, c, dk]
-            wu = torch.bmm(u.reshape(b * c, 1, dk), view.transpose(1, 2)).reshape(b, c, a).sum(0).T  # sum_qx W c w2
-            grad_w1 = wu.mul_(2 * g).add_(w1 * (cols * w2.pow(2).sum(0)).sum(1), alpha=2 * g * g)
-            grad_w2 = (part * cols).sum(1).mul_(2 * g).add_(w2 * (cols * w1.pow(2).sum(0)[:, None]).sum(0),
-                                                            alpha=2 * g * g)
-            dense_c = cols.reshape(1, -1)
-        else:
-            rows = cn.reshape(a, b)
-            u = rows[:, :, None] * w2[None]  # [a, b, dk]
-            wu = torch.bmm(u.reshape(a * b, 1, dk), view.transpose(1, 2)).reshape(a, b, c).sum(1)
-            grad_w1 = wu.mul_(2 * g).add_(w1 * (rows * w2.pow(2).sum(1)).sum(1)[:, None], alpha=2 * g * g)
-            grad_w2 = (part * rows[:, :, None]).sum(0).mul_(2 * g).add_(
-                w2 * (rows * w1.pow(2).sum(1)[:, None]).sum(0)[:, None], alpha=2 * g * g)
-            dense_c = cn.reshape(-1, 1)
-        grad_w = (2 * g * torch.kron(w1, w2) * dense_c).to(w.dtype) if ctx.needs_input_grad[2] else None
-        grad_w_sq = cn if ctx.needs_input_grad[3] else None
-        return grad_w1, grad_w2, grad_w, grad_w_sq, grad_s / n, None, None
-
-
-def kron_scale(w1: torch.Tensor, w2: torch.Tensor, w: torch.Tensor, w_sq: torch.Tensor, magnitude: torch.Tensor,
-               axis: str, gain, detach_norm: bool = False) -> torch.Tensor:
-    """s = magnitude / ||W + g*dW|| on the axis, flat, for dW = kron(w1 [a, c], w2 [b, dk]) on the
-    flattened [a*b, c*dk] weight W (any dtype; w1, w2 fp32), from one pass over W and the factors'
-    squared sums, without building the Kronecker product. ``w_sq`` is ||W||^2 on the axis, flat."""
-    magnitude = magnitude.flatten()
-    if detach_norm or isinstance(gain, torch.Tensor):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach_norm):
-            n = _kron_norm(w1, w2, w, w_sq, gain, axis)[0]
-        return magnitude / n
-    return _KronScale.apply(w1, w2, w, w_sq, magnitude, gain, axis)
+from .algorithm import Kron, LowRank
+from .dora_norms import (INPUT, OUTPUT, axis_of, direction_factor, kron_scale, norm_dims, pair_scale,
+                         scale_shape, weight_norm)
+from .torch_ops import is_compiling, no_autocast
 
 
 def merge(
@@ -223,3 +28,121 @@ def merge(
     """W0 + m * (V * magnitude / ||V|| - W0) with V = W0 + g*dW."""
     v = w0 + scaled_delta
     return w0 + multiplier * (v * direction_factor(w0, scaled_delta, magnitude, axis, detach_norm) - w0)
+
+
+class DoRA:
+    """The decomposition of one adapter (see the module docstring).
+
+    Forward, with s = dora_scale/||V|| and W' the weight below:
+      input axis (scaling input columns commutes with the layer)
+          y = below((1 - m + m*s) * x) + m*g*dW(s*x)
+      output axis
+          y = below(x) + m*((s - 1) * (below(x) - bias) + s * g*dW(x))
+    Over a forward below that is not a weight (an unknown hook), its output is kept as it is and
+    this adds m*(W_d - W0)x with the norm taken of the layer's stored weight W0."""
+
+    def __init__(self, axis: str, detach_norm: bool = False):
+        norm_dims(2, axis)  # checks the axis
+        self.axis = axis
+        self.detach_norm = detach_norm
+        self._w0_sq_cache: Optional[Tuple[tuple, torch.Tensor]] = None
+
+    def magnitude(self, w0: torch.Tensor) -> torch.Tensor:
+        """The initial dora_scale: ||W0|| on the axis, fp32."""
+        return weight_norm(w0.detach().float(), self.axis).to(torch.float32)
+
+    def merge(self, w0: torch.Tensor, scaled_delta: torch.Tensor, magnitude: torch.Tensor, m,
+              detach_norm: bool = False) -> torch.Tensor:
+        return merge(w0, scaled_delta, magnitude, self.axis, m, detach_norm=detach_norm)
+
+    # ----- the norms -------------------------------------------------------------------------
+    def tensors(self, a) -> Dict[str, torch.Tensor]:
+        """The adapter's tensors; in training with rank_dropout, one mask per step over the rank
+        components with the 1/(1-p) rescale (the norm is of one weight, so the mask cannot differ
+        per sample)."""
+        t = dict(a.tensors())
+        if a.training and a.rank_dropout is not None:
+            key, dim = a.algorithm.components(t)
+            keep = (torch.rand(t[key].shape[dim], device=t[key].device) > a.rank_dropout).to(t[key].dtype)
+            shape = [1] * t[key].dim()
+            shape[dim] = -1
+            t[key] = t[key] * keep.reshape(shape) / (1.0 - a.rank_dropout)
+        return t
+
+    def w0_sq(self, w: torch.Tensor) -> torch.Tensor:
+        """||W0||^2 on the axis, cached while the frozen weight is unchanged (same storage, same
+        version counter: an in-place merge into W0 invalidates it)."""
+        if is_compiling() or w.requires_grad:
+            return weight_norm(w, self.axis).pow(2).flatten()
+        key = (w.data_ptr(), w._version, w.device, w.dtype, w.shape)
+        if self._w0_sq_cache is None or self._w0_sq_cache[0] != key:
+            self._w0_sq_cache = (key, weight_norm(w.detach(), self.axis).pow(2).flatten())
+        return self._w0_sq_cache[1]
+
+    def factor(self, a, t: Dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
+        """s = dora_scale / ||base + g*dW|| per input column or output row, flat, fp32: from the
+        algorithm's product form where it has one (no dense V), else from a dense delta that
+        backward recomputes instead of storing."""
+        g, algorithm, gain = a.geometry, a.algorithm, a.gain()
+        magnitude = a.dora_scale.float().flatten()
+        with no_autocast(base.device.type):
+            form = algorithm.factored(t, g)
+            if form is not None:
+                w0_sq = self.w0_sq(base) if base is a.layer.weight else weight_norm(base, self.axis).pow(2).flatten()
+                if isinstance(form, LowRank):
+                    return pair_scale(form.p, form.q, base.flatten(1), w0_sq, magnitude, self.axis, gain,
+                                      self.detach_norm)
+                if isinstance(form, Kron):
+                    return kron_scale(form.w1, form.w2, base.flatten(1), w0_sq, magnitude, self.axis, gain,
+                                      self.detach_norm)
+                raise TypeError(f"{algorithm.name}: unknown product form {type(form).__name__}")
+            names = list(t)
+
+            def norms(*ps: torch.Tensor) -> torch.Tensor:
+                d = algorithm.delta(dict(zip(names, ps)), g.weight_shape).reshape(g.weight_shape)
+                return weight_norm(base.float() + gain * d.float(), self.axis).flatten()
+
+            ps = [v.float() for v in t.values()]
+            if a.grad_wanted() and not is_compiling():
+                from torch.utils.checkpoint import checkpoint
+
+                n = checkpoint(norms, *ps, use_reentrant=False)
+            else:
+                n = norms(*ps)
+            if self.detach_norm:
+                n = n.detach()
+            return magnitude / n
+
+    # ----- the forward -----------------------------------------------------------------------
+    def forward(self, a, x: torch.Tensor, m, args, kwargs) -> torch.Tensor:
+        t = self.tensors(a)
+        if a.folds(x, args, kwargs, dora=True):
+            return a.folded(x, t, m)
+        g = a.geometry
+        below = a.weight_below()
+        known = below is not None
+        s = self.factor(a, t, below if known else a.layer.weight)
+        gain = m * a.gain()
+        if self.axis == INPUT:
+            sx = x * g.channel_view(s, x).to(x.dtype)
+            out = a.delta_out(sx, t, gain, per_sample=False)
+            if not known:
+                x_rest = x * g.channel_view(s - 1, x).to(x.dtype)
+                w0 = a.layer.weight.to(x.dtype)
+                return a.base_forward(x, *args, **kwargs) + m * g.apply(x_rest, w0) + out
+            if not isinstance(m, torch.Tensor) and m == 1.0:
+                return a.base_forward(sx, *args, **kwargs) + out
+            xb = x * g.channel_view(1 - m + m * s, x).to(x.dtype)
+            return a.base_forward(xb, *args, **kwargs) + out
+        y = a.base_forward(x, *args, **kwargs)
+        if known:
+            bias = a.layer.bias
+            y0 = y if bias is None else y - g.channel_view(bias, y).to(y.dtype)
+        else:
+            y0 = g.apply(x, a.layer.weight.to(x.dtype))
+        sv = g.channel_view(s, y).to(y.dtype)
+        return y + m * ((sv - 1) * y0) + sv * a.delta_out(x, t, gain, per_sample=False)
+
+
+__all__ = ["DoRA", "INPUT", "OUTPUT", "axis_of", "direction_factor", "merge", "norm_dims", "scale_shape",
+           "weight_norm"]

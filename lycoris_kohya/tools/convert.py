@@ -48,7 +48,7 @@ def fold_lokr_t2(m: sp.StoredModule) -> Dict[str, torch.Tensor]:
     t = {k: v.float() for k, v in m.factors.items()}
     b, d, kernel = t[lokr.W2A].shape[1], t[lokr.W2B].shape[1], tuple(t[lokr.T2].shape[2:])
     # the one LoKr definition with a 1x1 lokr_w1 of 1 gives w2 itself: kron([[1]], w2) = w2
-    w2 = lokr.delta({lokr.W1: torch.ones(1, 1), lokr.W2A: t[lokr.W2A], lokr.W2B: t[lokr.W2B], lokr.T2: t[lokr.T2]},
+    w2 = lokr.LOKR.delta({lokr.W1: torch.ones(1, 1), lokr.W2A: t[lokr.W2A], lokr.W2B: t[lokr.W2B], lokr.T2: t[lokr.T2]},
                     (b, d, *kernel))
     out = {k: v for k, v in m.factors.items() if k in (lokr.W1, lokr.W1A, lokr.W1B)}
     out[lokr.W2] = w2 * m.scale
@@ -106,7 +106,7 @@ def convert_module(m: sp.StoredModule, target: str, w0: Optional[torch.Tensor], 
         if locon.MID in m.factors:
             return cast(lowrank.fold_tucker(unchanged(), m.weight_shape)), "lora_mid folded into lora_down", 0.0, None
         return unchanged(), "unchanged", 0.0, None
-    t, what, err, norm = _as_locon(m.delta(), rank, allow_lossy, dt, m.name, lowrank.rank_bound(m))
+    t, what, err, norm = _as_locon(m.delta(), rank, allow_lossy, dt, m.name, m.rank_bound)
     return t, f"{m.algo} -> {what}", err, norm
 
 

@@ -10,6 +10,7 @@ from .. import blocks
 from .. import specs as sp
 from .. import weights as wio
 from ..algos import dora as dora_math
+from ..algos import locon, lokr
 from .common import ToolError, load_adapter_file
 
 HELP = "what an adapter file holds: algorithms, ranks, alphas, DoRA, norms per block, metadata, which UIs apply it"
@@ -56,11 +57,11 @@ def compatibility(modules: Mapping[str, sp.StoredModule]) -> Dict[str, Dict[str,
     def count(pred) -> int:
         return sum(1 for m in modules.values() if pred(m))
 
-    lokr_t2 = count(lambda m: "lokr_t2" in m.factors)
+    lokr_t2 = count(lambda m: lokr.T2 in m.factors)
     out_axis = count(lambda m: m.dora_axis == dora_math.OUTPUT)
     dora = count(lambda m: m.dora_axis is not None)
     not_locon = count(lambda m: m.algo not in ("locon",))
-    mid = count(lambda m: "lora_mid.weight" in m.factors)
+    mid = count(lambda m: locon.MID in m.factors)
     issues = {
         "comfyui": ([f"skips {lokr_t2} LoKr Tucker (lokr_t2) modules silently"] if lokr_t2 else [])
         + ([f"{out_axis} output-axis DoRA modules divide by ||W0|| instead of ||W0 + g*dW||"] if out_axis else []),

@@ -98,7 +98,7 @@ def choose_rank(s: torch.Tensor, rank: Optional[int], dynamic: Optional[Tuple[st
 
 
 def _measure(d: torch.Tensor, tensors: Dict[str, torch.Tensor]) -> float:
-    approx = locon.delta({k: v.float() for k, v in tensors.items() if k != "alpha"}, tuple(d.shape))
+    approx = locon.LOCON.delta({k: v.float() for k, v in tensors.items() if k != "alpha"}, tuple(d.shape))
     return float(torch.linalg.vector_norm(d.float() - approx, dtype=torch.float64))
 
 
@@ -150,26 +150,6 @@ def fit(d: torch.Tensor, rank: Optional[int], dynamic=None, tucker: bool = False
     return svd_fit(d, rank, dynamic, dtype, rank_bound)
 
 
-def rank_bound(m) -> Optional[int]:
-    """An upper bound of the rank of a stored module's [out, in*k*k] g*dW, from its layout: LoCon r
-    (Tucker too), LoHa r*r (rank of a Hadamard product <= product of ranks), LoKr rank(w1)*rank(w2)
-    (rank of a Kronecker product); None for a full difference."""
-    t = m.factors
-    if m.algo == "locon":
-        return m.rank
-    if m.algo == "loha":
-        return m.rank * m.rank
-    if m.algo == "lokr":
-        r1 = t["lokr_w1_b"].shape[0] if "lokr_w1_b" in t else min(t["lokr_w1"].shape)
-        if "lokr_w2_b" in t:
-            r2 = t["lokr_w2_b"].shape[0]
-        else:
-            w2 = t["lokr_w2"]
-            r2 = min(w2.shape[0], w2[0].numel())
-        return r1 * r2
-    return None
-
-
 def fold_tucker(tensors: Dict[str, torch.Tensor], shape: Sequence[int]) -> Dict[str, torch.Tensor]:
     """A Tucker LoCon's ``lora_mid`` folded into a plain ``lora_down`` [r, in, kh, kw] (exact: the
     LoCon delta with an identity ``lora_up`` is exactly mid x down)."""
@@ -178,7 +158,7 @@ def fold_tucker(tensors: Dict[str, torch.Tensor], shape: Sequence[int]) -> Dict[
     r = tensors[locon.DOWN].shape[0]
     eye = torch.eye(r, dtype=torch.float32).reshape(r, r, 1, 1)
     t = {locon.UP: eye, locon.MID: tensors[locon.MID].float(), locon.DOWN: tensors[locon.DOWN].float()}
-    down = locon.delta(t, (r, shape[1], *shape[2:]))
+    down = locon.LOCON.delta(t, (r, shape[1], *shape[2:]))
     out = {k: v for k, v in tensors.items() if k not in (locon.MID, locon.DOWN)}
     out[locon.DOWN] = down.to(tensors[locon.DOWN].dtype)
     return out

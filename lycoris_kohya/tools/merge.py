@@ -130,7 +130,7 @@ def combine(files: List[Tuple[str, float]], out: str, rank: Optional[int] = None
                 d, bound = w - w0, None
             else:
                 d = sum(m * mod.delta() for _, m, mod in parts)
-                bounds = [lowrank.rank_bound(mod) for _, _, mod in parts]
+                bounds = [mod.rank_bound for _, _, mod in parts]
                 bound = None if None in bounds else sum(bounds)
         except (sp.ShapeUnknown, ToolError) as e:
             raise ToolError(f"{parts[0][0]}: {e}") from None

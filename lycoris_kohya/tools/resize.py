@@ -80,7 +80,7 @@ def resize(path: str, rank: int, out: str, dynamic=None, base: Optional[str] = N
                 report[name] = {"algo": m.algo, "rank_in": m.rank, "rank": m.rank, "error": 0.0, "norm": m.norm(),
                                 "relative_error": 0.0}
                 continue
-            bound = lowrank.rank_bound(m)
+            bound = m.rank_bound
             if m.dora_axis is not None and w0 is not None:
                 d, dora_mode = m.change(w0, 1.0), "W_d - W0 of the base model, as plain LoCon"
                 bound = None
