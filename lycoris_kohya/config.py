@@ -7,13 +7,17 @@ key or a bad value is an error that names the key and what is accepted.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import logging
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+from .algos import ALGORITHMS
+from .algos.paths import FORWARD_PATHS
+
 logger = logging.getLogger(__name__)
 
-ALGOS = ("locon", "loha", "lokr")
+ALGOS = tuple(ALGORITHMS)
 ALGO_ALIASES = {"lora": "locon", "locon": "locon", "loha": "loha", "lokr": "lokr"}
 
 _TRUE = {"true", "1", "yes", "on", "y", "t"}
@@ -25,6 +29,12 @@ class ConfigError(ValueError):
     """A network_arg that cannot be used; the message names it."""
 
 
+def _named(key: str, v: Any) -> str:
+    """How a value is named in a message: as the user wrote it, a trainer flag (``--network_dim 0``)
+    or a network_arg (``network_arg factor=0``)."""
+    return f"{key} {v!r}" if key.startswith("--") else f"network_arg {key}={v!r}"
+
+
 def parse_bool(key: str, v: Any) -> bool:
     if isinstance(v, bool):
         return v
@@ -32,7 +42,7 @@ def parse_bool(key: str, v: Any) -> bool:
         return bool(v)
     if isinstance(v, str) and v.strip().lower() in _TRUE | _FALSE:
         return v.strip().lower() in _TRUE
-    raise ConfigError(f"network_arg {key}={v!r} is not a boolean; use one of true/false, 1/0, yes/no")
+    raise ConfigError(f"{_named(key, v)} is not a boolean; use one of true/false, 1/0, yes/no")
 
 
 def _is_none(v: Any) -> bool:
@@ -52,11 +62,11 @@ def parse_number(key: str, v: Any, kind: type, minimum: Optional[float] = None, 
                 raise ValueError
             x = int(x)
     except (TypeError, ValueError):
-        raise ConfigError(f"network_arg {key}={v!r} is not {'an integer' if kind is int else 'a number'}") from None
+        raise ConfigError(f"{_named(key, v)} is not {'an integer' if kind is int else 'a number'}") from None
     if minimum is not None and x < minimum:
-        raise ConfigError(f"network_arg {key}={v!r} must be >= {minimum:g}")
+        raise ConfigError(f"{_named(key, v)} must be >= {minimum:g}")
     if below is not None and not x < below:
-        raise ConfigError(f"network_arg {key}={v!r} must be < {below:g}")
+        raise ConfigError(f"{_named(key, v)} must be < {below:g}")
     return x
 
 
@@ -190,7 +200,6 @@ def _parse_one(key: str, v: Any, label: Optional[str] = None) -> Any:
     raise ConfigError(f"unknown network_arg {key!r}")  # pragma: no cover - guarded by caller
 
 
-FORWARD_PATHS = ("auto", "fold", "structured")
 LR_WEIGHT_CURVES = ("cosine", "sine", "linear", "reverse_linear", "zeros")
 
 
@@ -206,6 +215,12 @@ def _parse_list(label: str, v: Any, kind: type, minimum: float) -> Optional[tupl
     return tuple(out)
 
 
+def did_you_mean(key: str, accepted) -> str:
+    """' (did you mean 'factor'?)' for a close key, else ''."""
+    close = difflib.get_close_matches(str(key), list(accepted), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def parse_config(
     network_dim: Any = None,
     network_alpha: Any = None,
@@ -216,11 +231,11 @@ def parse_config(
     (sd-scripts' defaults then apply: dim 4, alpha 1)."""
     values: Dict[str, Any] = {}
     if not _is_none(network_dim):
-        values["dim"] = _parse_one("dim", network_dim)
+        values["dim"] = _parse_one("dim", network_dim, "--network_dim")
     if not _is_none(network_alpha):
-        values["alpha"] = _parse_one("alpha", network_alpha)
+        values["alpha"] = _parse_one("alpha", network_alpha, "--network_alpha")
     if not _is_none(neuron_dropout):
-        values["dropout"] = _parse_one("dropout", neuron_dropout)
+        values["dropout"] = _parse_one("dropout", neuron_dropout, "--network_dropout")
 
     seen_from: Dict[str, str] = {}
     for raw_key, v in (kwargs or {}).items():
@@ -230,7 +245,8 @@ def parse_config(
                               "value sd-scripts records in the file's metadata)")
         key, transform = _ALIASES.get(raw_key, (raw_key, None))
         if key not in {f.name for f in fields(NetworkConfig)}:
-            raise ConfigError(f"unknown network_arg {raw_key!r}; accepted: {', '.join(ACCEPTED)}")
+            raise ConfigError(f"unknown network_arg {raw_key!r}{did_you_mean(raw_key, ACCEPTED)}; "
+                              f"accepted: {', '.join(ACCEPTED)}")
         if key == "dropout" and _is_none(v):
             continue  # sd-scripts always passes dropout=<--network_dropout>, often None
         x = _parse_one(key, v, raw_key)
@@ -263,7 +279,8 @@ def parse_overrides(where: str, raw: Mapping[str, Any]) -> Dict[str, Any]:
     for raw_key, v in raw.items():
         key, transform = {**_ALIASES, **_OVERRIDE_ALIASES}.get(raw_key, (raw_key, None))
         if key not in OVERRIDABLE:
-            raise ConfigError(f"{where}: option {raw_key!r} cannot be set per module; accepted: {', '.join(OVERRIDABLE)}")
+            raise ConfigError(f"{where}: option {raw_key!r} cannot be set per module"
+                              f"{did_you_mean(raw_key, OVERRIDABLE)}; accepted: {', '.join(OVERRIDABLE)}")
         x = _parse_one(key, v, f"{where}.{raw_key}")
         out[key] = transform(x) if transform else x
     if "algo" in out:  # an override that names its algorithm is checked now, matched or not

@@ -38,6 +38,20 @@ def create_network(multiplier, network_dim=None, network_alpha=None, vae=None, t
     return LycorisNetwork(text_encoder, unet, config, multiplier=multiplier, train_t5xxl=train_t5xxl)
 
 
+def _warn_overridden(file, kwargs, config, algos, axes) -> None:
+    """Layout options given as network_args are not used when the network is shaped like a file
+    (--dim_from_weights, gen_img): say so where they disagree with the file."""
+    where = "the state dict" if file is None or not isinstance(file, (str, bytes)) else str(file)
+    if "algo" in kwargs and [config.algo] != algos:
+        logger.warning(f"lycoris_kohya: network_arg algo={kwargs['algo']} is not used: {where} holds "
+                       f"{'/'.join(algos)} modules, and the network takes its layout from the file")
+    for key in ("dora_wd", "wd_on_output"):
+        if key in kwargs and parse_bool(key, kwargs[key]) != (key == "dora_wd" and axes != ["None"]
+                                                              or key == "wd_on_output" and axes == ["output"]):
+            logger.warning(f"lycoris_kohya: network_arg {key}={kwargs[key]} is not used: the DoRA layout comes from "
+                           f"{where} (DoRA axis: {', '.join(a if a != 'None' else 'none' for a in axes)})")
+
+
 def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weights_sd=None, for_inference=False,
                                 **kwargs):
     """A network shaped like the file (algorithm, ranks, alphas, Tucker, DoRA axis inferred from
@@ -58,6 +72,7 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
     if not specs:
         raise ValueError(f"{file}: no network weights in the file")
     algos = sorted({s.algo for s in specs.values()})
+    _warn_overridden(file, kwargs, config, algos, sorted({str(s.dora_axis) for s in specs.values()}))
     config = config.replace(algo=algos[0] if len(algos) == 1 else config.algo)
     network = LycorisNetwork(text_encoder, unet, config, multiplier=multiplier, specs=specs)
     network.load_state_dict(weights_sd, strict=True)

@@ -127,18 +127,61 @@ class LycorisNetwork(nn.Module):
                            "input axis); the default input axis behaves identically everywhere")
         planned: Dict[str, List[str]] = {}
         for a in self.loras:
-            if a.plan_warning:
-                planned.setdefault(a.plan_warning, []).append(a.lora_name)
-        for why, names in planned.items():
-            first, rest = why.split("; ", 1) if "; " in why else (why, "")
-            logger.warning(f"lycoris_kohya: {first} of {len(names)} modules (e.g. {names[0]})"
-                           + (f"; {rest}" if rest else ""))
+            if a.plan_note:
+                planned.setdefault(a.plan_note, []).append(a.lora_name)
+        for note, names in planned.items():
+            logger.info(f"lycoris_kohya: {note}: {len(names)} of {len(self.loras)} modules (e.g. {names[0]})")
+        if specs is None:
+            self._warn_without_effect()
         if specs is None and any(a.algo == "lokr" and a.layout.tucker for a in self.loras):
             logger.warning("lycoris_kohya: LoKr with use_tucker writes lokr_t2, which ComfyUI does not apply "
                            "(it fails silently); A1111 and this plugin do")
-        denoiser = f"{self.family.title} DiT" if self.family.is_dit else "U-Net"
-        logger.info(f"lycoris_kohya: {config.algo} network with {len(self.text_encoder_loras)} text encoder "
-                    f"and {len(self.unet_loras)} {denoiser} modules")
+        logger.info(f"lycoris_kohya: {self.summary()}")
+
+    @property
+    def denoiser(self) -> str:
+        return f"{self.family.title} DiT" if self.family.is_dit else "U-Net"
+
+    def summary(self) -> str:
+        """One line a user can check: algorithm(s), rank/alpha, conv rank/alpha, DoRA and its axis,
+        preset, and the modules per part, read from the adapters built."""
+        def ranks(adapters) -> str:
+            kinds = sorted({f"rank {a.rank} alpha {float(a.alpha):g}" if a.layout.use_alpha
+                            else "full factors (alpha unused)" for a in adapters})
+            return ", ".join(kinds[:3]) + (", ..." if len(kinds) > 3 else "")
+
+        convs = [a for a in self.loras if a.geometry.is_kxk]
+        others = [a for a in self.loras if not a.geometry.is_kxk]
+        algos = "/".join(sorted({a.algo for a in self.loras}))
+        axes = sorted({a.dora_axis for a in self.loras if a.dora_axis is not None})
+        dora = f"DoRA on the {'/'.join(axes)} axis" if axes else "no DoRA"
+        parts: Dict[str, int] = {}
+        for a in self.text_encoder_loras:
+            parts[tg.te_prefix_of(a.lora_name)] = parts.get(tg.te_prefix_of(a.lora_name), 0) + 1
+        te = f"{len(self.text_encoder_loras)} text encoder modules" + \
+            (f" ({', '.join(f'{p} {n}' for p, n in sorted(parts.items()))})" if parts else "")
+        line = f"{algos} network, {ranks(others)}"
+        if convs:
+            line += f", kxk convolutions {ranks(convs)}"
+        return (f"{line}, {dora}, preset {self.preset.name}: {te}, "
+                f"{len(self.unet_loras)} {self.denoiser} modules")
+
+    def _warn_without_effect(self) -> None:
+        """A warning, once, for each option the user set that changes nothing on this model."""
+        cfg, no_kxk = self.config, not any(a.geometry.is_kxk for a in self.loras)
+        where = f"the {self.denoiser}'s adapted layers" + (" and text encoders'" if self.text_encoder_loras else "")
+        if no_kxk:
+            for key in ("conv_dim", "conv_alpha"):
+                if getattr(cfg, key) is not None:
+                    logger.warning(f"lycoris_kohya: network_arg {key}={getattr(cfg, key):g} has no effect: {where} "
+                                   "include no kxk convolution (conv_dim/conv_alpha apply to those only)")
+            if cfg.use_tucker:
+                logger.warning(f"lycoris_kohya: network_arg use_tucker has no effect: {where} include no kxk "
+                               "convolution (Tucker applies to those only)")
+        lokr = [a for a in self.loras if a.algo == "lokr"]
+        if cfg.decompose_both and lokr and not any(a.layout.w1_lowrank for a in lokr):
+            logger.warning(f"lycoris_kohya: network_arg decompose_both has no effect at rank {cfg.dim}: lokr_w1 is "
+                           "factorised only where the rank is below half of its larger side, which no module's is")
 
     def _block(self, target: tg.Target) -> int:
         return -1 if target.is_text_encoder else blocks.block_index(target.name, self.is_sdxl)
@@ -190,7 +233,7 @@ class LycorisNetwork(nn.Module):
         for a in self.loras:
             a.apply_to()
         logger.info(f"lycoris_kohya: applied to {len(self.text_encoder_loras)} text encoder and "
-                    f"{len(self.unet_loras)} U-Net layers")
+                    f"{len(self.unet_loras)} {self.denoiser} layers")
 
     def _drop(self, adapters: Sequence[Adapter]) -> None:
         for a in adapters:

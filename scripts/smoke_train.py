@@ -283,9 +283,8 @@ def main(argv=None) -> int:
 
     steps, limit = opts["max_train_steps"], opts["scale_weight_norms"]
     if accelerator.is_main_process:
-        print(f"training {net.config.algo} on {'SDXL' if sdxl else 'SD1.x'} in {world} process(es): "
-              f"{len(net.unet_loras)} U-Net + {len(net.text_encoder_loras)} text encoder modules, "
-              f"groups {descriptions}, {steps} steps")
+        print(f"training on {'SDXL' if sdxl else 'SD1.x'} in {world} process(es), {steps} steps: {net.summary()}; "
+              f"optimizer groups {descriptions}")
     max_norm_log = []
     bar = tqdm(range(steps), desc="smoke train", disable=not accelerator.is_main_process)
     for step in bar:
@@ -400,22 +399,39 @@ def verify(net, out, model, models, train_te, dtype, seconds) -> int:
 
     base = outputs(Models(model, sdxl))
 
-    ok = True
+    failed = []  # (check, why): every check prints a line; the summary names the failed ones
+
+    def check(name: str, good: bool, line: str, why: str = "") -> None:
+        print(f"{line} {'ok' if good else 'FAILED'}" + ("" if good or not why else f" ({why})"))
+        if not good:
+            failed.append(f"{name}: {why}" if why else name)
+
     parts = ("te1 hidden", "te2 hidden", "te2 pooled", "unet") if sdxl else ("text encoder", "unet")
     for label, got in (("reloaded", got_loaded), ("merged", got_merged)):
         for part, a, b in zip(parts, ref, got):
             diff = float((a - b).abs().max())
-            good = diff <= 1e-4 * max(1.0, float(a.abs().max()))
-            ok &= good
-            print(f"{label:9s} {part:12s} max|diff| = {diff:.3g} {'ok' if good else 'MISMATCH'}")
+            bound = 1e-4 * max(1.0, float(a.abs().max()))
+            check(f"{label} {part}", diff <= bound, f"{label:9s} {part:12s} max|diff| = {diff:.3g}",
+                  f"more than {bound:.3g}: the {label} network does not reproduce the trained one")
+    # what moves is what the chosen preset adapts: the U-Net if it has modules, the text encoder(s)
+    # if they have modules and are trained
     scale = float(ref[-1].abs().max())
     moved = float((ref[-1] - base[-1]).abs().max())
-    print(f"training moved the U-Net output by {moved:.3g} (of {scale:.3g}) from the base model")
-    ok &= moved > 0
-    if train_te:
-        te_moved = max(float((a - b).abs().max()) for a, b in zip(ref[:-1], base[:-1]))
-        print(f"training moved the text encoder outputs by {te_moved:.3g}")
-        ok &= te_moved > 0
+    if net.unet_loras:
+        check("U-Net moved", moved > 0, f"training moved the U-Net output by {moved:.3g} (of {scale:.3g}) from the "
+              "base model", f"{len(net.unet_loras)} U-Net modules trained, yet the output equals the base model's")
+    else:
+        print(f"the preset adapts no U-Net layer: its output moved by {moved:.3g} (not checked)")
+    te_trained = train_te and bool(net.text_encoder_loras)
+    te_moved = max(float((a - b).abs().max()) for a, b in zip(ref[:-1], base[:-1]))
+    if te_trained:
+        check("text encoder moved", te_moved > 0, f"training moved the text encoder outputs by {te_moved:.3g}",
+              f"{len(net.text_encoder_loras)} text encoder modules trained, yet its outputs equal the base model's")
+    else:
+        why = "--network_train_unet_only" if not train_te else "the preset adapts no text encoder layer"
+        check("text encoder unchanged", te_moved == 0,
+              f"text encoder not trained ({why}): its outputs moved by {te_moved:.3g}",
+              "an untrained text encoder's outputs changed")
 
     with safe_open(out, "pt") as f:
         keys, version = list(f.keys()), (f.metadata() or {}).get("ss_base_model_version", "")
@@ -423,17 +439,18 @@ def verify(net, out, model, models, train_te, dtype, seconds) -> int:
         te_prefixes = ("lora_te1_text_model_encoder_layers_", "lora_te2_text_model_encoder_layers_")
         unet_prefixes = tuple(f"lora_unet_{b}_" for b in ("input_blocks", "middle_block", "output_blocks"))
         wrong = [k for k in keys if not k.startswith(te_prefixes + unet_prefixes)]
-        missing = [p for p in (te_prefixes if train_te else ()) + unet_prefixes if not any(k.startswith(p) for k in keys)]
+        want = (te_prefixes if te_trained else ()) + (unet_prefixes if net.unet_loras else ())
+        missing = [p for p in want if not any(k.startswith(p) for k in keys)]
         print(f"SDXL file: {len(keys)} keys, ss_base_model_version={version!r}")
-        for problem, bad in (("keys outside sd-scripts' SDXL names", wrong), ("no key starts with", missing)):
-            if bad:
-                print(f"MISMATCH: {problem}: {bad[:3]}")
-                ok = False
-        if not version.startswith("sdxl_"):
-            print("MISMATCH: ss_base_model_version does not mark the file as SDXL")
-            ok = False
-    print(f"smoke train {'passed' if ok else 'FAILED'} in {seconds:.1f}s")
-    return 0 if ok else 1
+        check("SDXL key names", not wrong, "keys in sd-scripts' SDXL names:", f"outside them: {wrong[:3]}")
+        check("SDXL parts", not missing, "every adapted part has keys:", f"no key starts with {missing[:3]}")
+        check("SDXL metadata", version.startswith("sdxl_"), f"ss_base_model_version={version!r} marks SDXL:",
+              "A1111 would not list the file under SDXL models")
+    if failed:
+        print(f"smoke train FAILED in {seconds:.1f}s: " + "; ".join(failed))
+        return 1
+    print(f"smoke train passed in {seconds:.1f}s")
+    return 0
 
 
 if __name__ == "__main__":

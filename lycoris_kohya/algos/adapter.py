@@ -82,8 +82,8 @@ class Adapter(LayerHook):
         self._cost_cache: Optional[Tuple[int, int]] = None
 
         self.layout = layout if layout is not None else algorithm.plan(g, rank, **options)
-        #: why the planned layout differs from what was asked (for the training log), or None
-        self.plan_warning = None if layout is not None else algorithm.plan_warning(self.layout, rank, options)
+        #: a note on the planned layout for the training log (``Algorithm.plan_note``), or None
+        self.plan_note = None if layout is not None else algorithm.plan_note(self.layout, rank, options)
         tensors, self.zero_init = algorithm.init(self.layout, g, use_scalar)
         for suffix, t in tensors.items():
             holder, _, leaf = suffix.partition(".")

@@ -82,8 +82,8 @@ class Algorithm:
         """g: alpha/rank (1 without alpha, or where the layout ignores alpha)."""
         return alpha_scale(alpha, layout.rank) if layout.use_alpha else 1.0
 
-    def plan_warning(self, layout: Layout, rank: int, options: Mapping[str, object]) -> Optional[str]:
-        """Why a planned layout differs from what was asked, for the training log; None if it does not."""
+    def plan_note(self, layout: Layout, rank: int, options: Mapping[str, object]) -> Optional[str]:
+        """A note for the training log where a planned layout is not what the options alone suggest; None if it is."""
         return None
 
     # layout

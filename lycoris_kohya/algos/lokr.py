@@ -101,9 +101,10 @@ class LoKr(Algorithm):
         w2_lowrank = not full_matrix and rank < max(b, d) / 2
         return LoKrLayout(a, b, c, d, rank, w1_lowrank, w2_lowrank, bool(use_tucker and w2_lowrank and g.is_kxk))
 
-    def plan_warning(self, layout: LoKrLayout, rank: int, options: Mapping[str, object]) -> Optional[str]:
+    def plan_note(self, layout: LoKrLayout, rank: int, options: Mapping[str, object]) -> Optional[str]:
         if not layout.w2_lowrank and rank >= max(layout.b, layout.d) / 2 and not options.get("full_matrix"):
-            return "LoKr rank is too large for the factor; their large factor lokr_w2 is a full matrix"
+            return (f"LoKr stores lokr_w2 as a full matrix where rank {rank} is at least half of its larger side "
+                    "(LyCORIS' rule; full_matrix=True makes it explicit)")
         return None
 
     def init(self, layout: LoKrLayout, g: LayerGeometry, use_scalar: bool) -> Tuple[Dict[str, torch.Tensor], str]:
