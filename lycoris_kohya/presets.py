@@ -141,6 +141,97 @@ FAMILY_BUILTIN: Dict[str, Dict[str, Preset]] = {
         attn=((), ("*.img_attn_qkv", "*.img_attn_proj", "*.txt_attn_qkv", "*.txt_attn_proj"))),
 }
 
+
+
+def _musubi_presets(root: str, blocks, exclude=(), modulation=(), attn=((), ()), full_exclude=(),
+                    extra: Optional[Dict[str, Preset]] = None) -> Dict[str, Preset]:
+    """Built-in presets of a musubi-tuner family; musubi never adapts a text encoder. ``blocks``: the
+    classes musubi's own networks/lora_<family>.py targets; ``exclude``: its default exclude patterns
+    (regexes there, the same paths as globs here), together ``default``; ``modulation``: paths that
+    ``attn-mlp`` leaves out besides; ``attn``: (classes, paths) of ``attn-only``; ``full``: every Linear of
+    the model (the ``root`` class), less ``full_exclude``."""
+    presets = {p.name: p for p in (
+        Preset("default", blocks, exclude_name=exclude),
+        Preset("full", (root,), exclude_name=full_exclude),
+        Preset("attn-mlp", blocks, exclude_name=tuple(exclude) + tuple(modulation)),
+        Preset("attn-only", attn[0], attn[1], exclude_name=exclude),
+    )}
+    presets.update(extra or {})
+    return presets
+
+
+_FLUX_EXCLUDE = ("*img_mod.lin*", "*txt_mod.lin*", "*modulation.lin*", "*norm*")  # lora_flux / lora_flux_2
+_HIDREAM_T2I = ("Qwen3VLTextDecoderLayer", "BottleneckPatchEmbed", "FinalLayer")
+_HIDREAM_EXCLUDE = ("*embed_tokens*", "*lm_head*")
+
+#: built-in presets per musubi-tuner family (targets.MUSUBI_FAMILIES), from musubi's networks/lora_*.py
+#: (target classes, default exclude patterns) and the classes of its model files
+MUSUBI_BUILTIN: Dict[str, Dict[str, Preset]] = {
+    # WanAttentionBlock: self_attn / cross_attn q, k, v, o (Wan 2.1 I2V: also cross_attn.k_img, v_img), ffn.0, ffn.2;
+    # its modulation is a Parameter, not a layer
+    "wan": _musubi_presets(
+        "WanModel", ("WanAttentionBlock",),
+        ("*patch_embedding*", "*text_embedding*", "*time_embedding*", "*time_projection*", "*norm*", "*head*"),
+        attn=(("WanSelfAttention", "WanCrossAttention", "WanI2VCrossAttention"), ())),
+    # QwenImageTransformerBlock: attn (to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out), img_/txt_mlp, img_/txt_mod.1.
+    # lora_qwen_image's exclude ".*(_mod_).*" matches no path (they read img_mod.1), so its default keeps the modulation
+    "qwen_image": _musubi_presets(
+        "QwenImageTransformer2DModel", ("QwenImageTransformerBlock",), ("*_mod_*",),
+        modulation=("*.img_mod.*", "*.txt_mod.*"), attn=(("Attention",), ())),
+    # ZImageTransformerBlock in layers (not noise_refiner / context_refiner): attention.to_q/k/v/to_out.0,
+    # feed_forward.w1/w2/w3; adaLN_modulation left out
+    "zimage": _musubi_presets(
+        "ZImageTransformer2DModel", ("ZImageTransformerBlock",), ("*_modulation*", "*_refiner*"),
+        attn=(("ZImageAttention",), ())),
+    # FLUX.2: the modulation lives outside the blocks (double_stream_modulation_img/txt, single_stream_modulation)
+    "flux2": _musubi_presets("Flux2", ("DoubleStreamBlock", "SingleStreamBlock"), _FLUX_EXCLUDE,
+                             attn=(("SelfAttention",), ())),
+    # FLUX.1 Kontext (musubi's flux_models.Flux): sd-scripts' FLUX.1 paths, without img_/txt_mod.lin, modulation.lin
+    "flux_kontext": _musubi_presets("Flux", ("DoubleStreamBlock", "SingleStreamBlock"), _FLUX_EXCLUDE,
+                                    attn=(("SelfAttention",), ())),
+    # HunyuanVideo (networks/lora.py): MMDoubleStreamBlock img_/txt_ attn_qkv, attn_proj, mlp.fc1/fc2;
+    # MMSingleStreamBlock linear1, linear2; the *_mod.linear / modulation.linear left out
+    "hunyuan_video": _musubi_presets(
+        "HYVideoDiffusionTransformer", ("MMDoubleStreamBlock", "MMSingleStreamBlock"),
+        ("*img_mod*", "*txt_mod*", "*modulation*"),
+        attn=((), ("*.img_attn_qkv", "*.img_attn_proj", "*.txt_attn_qkv", "*.txt_attn_proj"))),
+    # HunyuanVideo 1.5: MMDoubleStreamBlock only, img_/txt_ attn_q/k/v/proj, mlp.fc1/fc2 and mod.linear
+    # (lora_hv_1_5's exclude ".*(_in).*" matches nothing inside the blocks)
+    "hunyuan_video_1_5": _musubi_presets(
+        "HunyuanVideo_1_5_DiffusionTransformer", ("MMDoubleStreamBlock",), ("*_in*",),
+        modulation=("*.img_mod.*", "*.txt_mod.*"),
+        attn=((), ("double_blocks.*.img_attn_*", "double_blocks.*.txt_attn_*"))),
+    # FramePack: HunyuanVideoTransformerBlock (attn, ff, ff_context) and HunyuanVideoSingleTransformerBlock
+    # (attn.to_q/k/v, proj_mlp, proj_out); their norm*.linear (AdaLayerNormZero modulation) left out
+    "framepack": _musubi_presets(
+        "HunyuanVideoTransformer3DModelPacked", ("HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"),
+        ("*norm*",), attn=((), ("transformer_blocks.*.attn", "single_transformer_blocks.*.attn"))),
+    # Kandinsky 5: text_/visual_transformer_blocks self_attention / cross_attention to_query/key/value,
+    # out_layer, feed_forward in/out_layer; *_modulation left out (lora_kandinsky's include patterns only
+    # take back excluded layers, and name none of the modulation)
+    "kandinsky5": _musubi_presets(
+        "DiffusionTransformer3D", ("TransformerEncoderBlock", "TransformerDecoderBlock"), ("*modulation*",),
+        attn=(("MultiheadSelfAttentionEnc", "MultiheadSelfAttentionDec", "MultiheadCrossAttention"), ())),
+    # Krea 2: lora_krea2 adapts every Linear of the model (its modulation and norms are Parameters);
+    # attn-mlp: the DiT blocks' attention and SwiGLU; attn-only: their attention (the authors' long-run set)
+    "krea2": _musubi_presets("SingleStreamDiT", ("SingleStreamDiT",), attn=((), ("blocks.*.attn",)),
+                             extra={"attn-mlp": Preset("attn-mlp", ("SingleStreamBlock",))}),
+    # Ideogram 4: Ideogram4TransformerBlock attention.qkv/o, feed_forward.w1/w2/w3; adaln_modulation left out
+    "ideogram4": _musubi_presets("Ideogram4Transformer", ("Ideogram4TransformerBlock",), ("*adaln_modulation*",),
+                                 attn=(("Ideogram4Attention",), ())),
+    # HiDream-O1: the Qwen3-VL decoder layers and the pixel patch embedder / final layer (text-to-image);
+    # default-i2i (chosen when the trainer tags the model hidream_o1_task="i2i") adds the vision tower
+    "hidream_o1": _musubi_presets(
+        "Qwen3VLForConditionalGeneration", _HIDREAM_T2I, _HIDREAM_EXCLUDE, attn=(("Qwen3VLTextAttention",), ()),
+        full_exclude=_HIDREAM_EXCLUDE,
+        extra={"default-i2i": Preset("default-i2i", _HIDREAM_T2I + (
+            "Qwen3VLVisionPatchEmbed", "Qwen3VLVisionBlock", "Qwen3VLVisionPatchMerger"), exclude_name=_HIDREAM_EXCLUDE),
+            "attn-mlp": Preset("attn-mlp", ("Qwen3VLTextDecoderLayer",), exclude_name=_HIDREAM_EXCLUDE)}),
+    # a musubi model of a class no family has: preset files only
+    "other_dit": {},
+}
+FAMILY_BUILTIN.update(MUSUBI_BUILTIN)
+
 _KEYS = ("enable_conv", "unet_target_module", "unet_target_name", "text_encoder_target_module",
          "text_encoder_target_name", "exclude_name", "module_algo_map", "name_algo_map", "use_fnmatch")
 #: preset files shipped inside the package (package data), usable by name: preset=style-no-cross-attn

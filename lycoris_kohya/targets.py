@@ -6,11 +6,19 @@ LoRA for every family writes it so, for ComfyUI). Text encoder prefixes are per 
 ``lora_te3`` T5-XXL; SD3: ``lora_te1`` CLIP-L, ``lora_te2`` CLIP-G, ``lora_te3`` T5-XXL.
 Names are computed canonically: a CLIP layer is always ``text_model.encoder.layers.{i}...`` whatever the
 transformers version (transformers 5 dropped the ``text_model.`` level from ``CLIPTextModel.named_modules()``).
+
+Two trainers hand models over: sd-scripts (``create_network``) and kohya-ss/musubi-tuner
+(``create_arch_network``). Each has its own families (FAMILIES, MUSUBI_FAMILIES); a family is found from
+the class of the model, first among the calling trainer's families (both name a ``Flux`` class: sd-scripts'
+FLUX.1, musubi's FLUX.1 Kontext, whose LoRA leaves the modulation out). The entry point says which trainer
+calls (``calling_trainer``).
 """
 from __future__ import annotations
 
+import contextlib
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from torch import nn
 
@@ -32,6 +40,10 @@ class Family:
     te_prefixes: Optional[Tuple[str, ...]] = None
     #: index of the T5-XXL text encoder: adapted only when train_t5xxl is asked (sd-scripts' semantics)
     t5_index: Optional[int] = None
+    #: the trainer whose models these are: "sd-scripts" or "musubi"
+    trainer: str = "sd-scripts"
+    #: the trainer's own LoRA module for the family (what its users pass as --network_module)
+    own_lora: str = ""
 
     @property
     def is_dit(self) -> bool:
@@ -58,13 +70,85 @@ FAMILIES: Dict[str, Family] = {f.name: f for f in (
 )}
 
 
-def detect_family(unet: Optional[nn.Module]) -> Family:
-    """The family of the model sd-scripts passed as ``unet``, from its class; anything else is SD."""
+def _musubi(name: str, title: str, model_class: str, own_lora: str) -> Family:
+    # musubi-tuner never trains a text encoder: create_arch_network gets None for them
+    return Family(name, title, (model_class,), (), trainer="musubi", own_lora=f"networks.{own_lora}")
+
+
+#: the class of the model each musubi-tuner trainer hands to create_arch_network as ``unet``
+#: (src/musubi_tuner/<family>/..._model(s).py) and musubi's own LoRA module for it (networks/lora_*.py)
+MUSUBI_FAMILIES: Dict[str, Family] = {f.name: f for f in (
+    _musubi("wan", "Wan 2.1/2.2", "WanModel", "lora_wan"),
+    _musubi("qwen_image", "Qwen-Image", "QwenImageTransformer2DModel", "lora_qwen_image"),
+    _musubi("zimage", "Z-Image", "ZImageTransformer2DModel", "lora_zimage"),
+    _musubi("flux2", "FLUX.2", "Flux2", "lora_flux_2"),
+    _musubi("flux_kontext", "FLUX.1 Kontext", "Flux", "lora_flux"),
+    _musubi("hunyuan_video", "HunyuanVideo", "HYVideoDiffusionTransformer", "lora"),
+    _musubi("hunyuan_video_1_5", "HunyuanVideo 1.5", "HunyuanVideo_1_5_DiffusionTransformer", "lora_hv_1_5"),
+    _musubi("framepack", "FramePack", "HunyuanVideoTransformer3DModelPacked", "lora_framepack"),
+    _musubi("kandinsky5", "Kandinsky 5", "DiffusionTransformer3D", "lora_kandinsky"),
+    _musubi("krea2", "Krea 2", "SingleStreamDiT", "lora_krea2"),
+    _musubi("ideogram4", "Ideogram 4", "Ideogram4Transformer", "lora_ideogram4"),
+    # HiDream-O1 is a Qwen3-VL model with pixel heads (musubi's hidream_o1/qwen3_vl_transformers.py)
+    _musubi("hidream_o1", "HiDream-O1", "Qwen3VLForConditionalGeneration", "lora_hidream_o1"),
+)}
+#: a musubi model of a class none of the families has, trained with a preset file (no built-in presets)
+OTHER_DIT = Family("other_dit", "this", (), (), trainer="musubi")
+
+SD_SCRIPTS, MUSUBI = "sd-scripts", "musubi"
+_TRAINER: ContextVar[str] = ContextVar("lycoris_kohya_trainer", default=SD_SCRIPTS)
+
+
+@contextlib.contextmanager
+def calling_trainer(trainer: str) -> Iterator[None]:
+    """Within it, families are looked up as ``trainer`` ("sd-scripts" or "musubi") names them: the
+    entry points set it, so that the network (which detects the family itself) sees who is calling."""
+    token = _TRAINER.set(trainer)
+    try:
+        yield
+    finally:
+        _TRAINER.reset(token)
+
+
+def find_family(unet: Optional[nn.Module], trainer: Optional[str] = None) -> Optional[Family]:
+    """The family of a model from its class, the trainer's own families first; None if none has it."""
+    trainer = trainer or _TRAINER.get()
     cls = type(unet).__name__ if unet is not None else None
-    for family in FAMILIES.values():
-        if cls in family.model_classes:
-            return family
-    return FAMILIES["sd"]
+    tables = (MUSUBI_FAMILIES, FAMILIES) if trainer == MUSUBI else (FAMILIES, MUSUBI_FAMILIES)
+    for table in tables:
+        for family in table.values():
+            if cls in family.model_classes and not (trainer == MUSUBI and family.name == "sd"):
+                return family
+    return None
+
+
+def detect_family(unet: Optional[nn.Module], trainer: Optional[str] = None) -> Family:
+    """The family of the model the trainer passed as ``unet``, from its class. Anything else is SD for
+    sd-scripts, and OTHER_DIT for musubi-tuner (trainable with a preset file only: see unknown_model)."""
+    trainer = trainer or _TRAINER.get()
+    family = find_family(unet, trainer)
+    if family is not None:
+        return family
+    return OTHER_DIT if trainer == MUSUBI else FAMILIES["sd"]
+
+
+def unknown_model(unet: nn.Module) -> str:
+    """What to say when musubi-tuner hands over a model of a class no family has."""
+    known = "; ".join(f"{f.title} ({f.model_classes[0]})" for f in MUSUBI_FAMILIES.values())
+    blocks = sorted({type(m).__name__ for _, m in unet.named_children()})
+    return (f"lycoris_kohya does not know the model class {type(unet).__name__} that musubi-tuner passed (its "
+            f"top-level children are {', '.join(blocks) or 'none'}). Known musubi-tuner families: {known}. "
+            "To train it anyway, name its layers in a preset file: --network_args \"preset=/path/to/dit.toml\" "
+            "with, e.g., unet_target_module = [\"<the class of its transformer blocks>\"] and exclude_name = "
+            "[\"*modulation*\"] (globs on module paths; docs/families.md, docs/options.md#presets-preset)")
+
+
+def default_preset(family: Family, unet: Optional[nn.Module]) -> str:
+    """The built-in preset a network gets when none is asked for. HiDream-O1: musubi's lora_hidream_o1
+    adapts the vision tower too when the trainer tagged the model for image-to-image training."""
+    if family.name == "hidream_o1" and getattr(unet, "hidream_o1_task", None) == "i2i":
+        return "default-i2i"
+    return "default"
 
 
 def te_prefix_of(name: str) -> str:
