@@ -275,10 +275,11 @@ class LycorisNetwork(nn.Module):
     def enable_gradient_checkpointing(self):
         pass  # adapters hold no activations of their own worth checkpointing
 
-    def prepare_grad_etc(self, text_encoder, unet):
+    # sd-scripts passes (text_encoder, unet), musubi-tuner (transformer) alone; neither model is used here
+    def prepare_grad_etc(self, *models):
         self.requires_grad_(True)
 
-    def on_epoch_start(self, text_encoder, unet):
+    def on_epoch_start(self, *models):
         self.train()
 
     def on_step_start(self, *args, **kwargs):
