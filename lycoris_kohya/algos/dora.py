@@ -4,14 +4,13 @@
     W_d = V * dora_scale / ||V||      (norm per input column, or per output row)
     W   = W0 + m * (W_d - W0)          (m = multiplier: m=0 is exactly W0)
 
-``DoRA`` is what an adapter holds when it decomposes: the axis, the norm option and a cache of
-||W0||^2. It needs of the algorithm only ``delta`` and, where there is one, its product form
+``DoRA`` is what an adapter holds when it decomposes: the axis and the norm option. It needs of the algorithm only ``delta`` and, where there is one, its product form
 (``factored``) for norms without a dense dW (``dora_norms``). The magnitude ``dora_scale`` is a
 parameter of the adapter (the file's key ``<module>.dora_scale``), so it moves with ``.to(device)``.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Dict
 
 import torch
 
@@ -45,7 +44,6 @@ class DoRA:
         norm_dims(2, axis)  # checks the axis
         self.axis = axis
         self.detach_norm = detach_norm
-        self._w0_sq_cache: Optional[Tuple[tuple, torch.Tensor]] = None
 
     def magnitude(self, w0: torch.Tensor) -> torch.Tensor:
         """The initial dora_scale: ||W0|| on the axis, fp32."""
@@ -70,14 +68,11 @@ class DoRA:
         return t
 
     def w0_sq(self, w: torch.Tensor) -> torch.Tensor:
-        """||W0||^2 on the axis, cached while the frozen weight is unchanged (same storage, same
-        version counter: an in-place merge into W0 invalidates it)."""
-        if is_compiling() or w.requires_grad:
-            return weight_norm(w, self.axis).pow(2).flatten()
-        key = (w.data_ptr(), w._version, w.device, w.dtype, w.shape)
-        if self._w0_sq_cache is None or self._w0_sq_cache[0] != key:
-            self._w0_sq_cache = (key, weight_norm(w.detach(), self.axis).pow(2).flatten())
-        return self._w0_sq_cache[1]
+        """||W0||^2 on the axis, flat, of the weight as it is now. Not cached: a change through
+        ``.data`` (``weight.data.add_``), a block-swap buffer reused for another block's weight, or a
+        merge by another tool bumps no version counter a cache could key on, and one read of W0 costs
+        little next to the norms' products with it."""
+        return weight_norm(w.detach() if not w.requires_grad else w, self.axis).pow(2).flatten()
 
     def factor(self, a, t: Dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         """s = dora_scale / ||base + g*dW|| per input column or output row, flat, fp32: from the
@@ -88,7 +83,7 @@ class DoRA:
         with no_autocast(base.device.type):
             form = algorithm.factored(t, g)
             if form is not None:
-                w0_sq = self.w0_sq(base) if base is a.layer.weight else weight_norm(base, self.axis).pow(2).flatten()
+                w0_sq = self.w0_sq(base)
                 if isinstance(form, LowRank):
                     return pair_scale(form.p, form.q, base.flatten(1), w0_sq, magnitude, self.axis, gain,
                                       self.detach_norm)

@@ -177,7 +177,8 @@ def _apply_few_tokens(t: Tensors, x: torch.Tensor, out_scale, hidden: Hidden) ->
     h = (x.unsqueeze(-2) * b1) @ b2.T  # [..., r1, r2]: components (rows of hada_w2_b) last
     if hidden is not None:
         h = hidden(h, h.dim() - 1)
-    return ((h @ a2.T) * (a1 * out_scale).T).sum(-2)
+    y = h @ a2.T  # under autocast in autocast's dtype, as the layer's own output
+    return (y * (a1 * out_scale).T.to(y.dtype)).sum(-2)
 
 
 LOHA = LoHa()
