@@ -13,13 +13,17 @@ machine, and by 2x between neighbouring seconds) hits both sides of each ratio a
 
     python scripts/bench.py --shape sd15 --latent 8,32            # the README's table
     python scripts/bench.py --shape sdxl --latent 16 --only locon,lokr_dora
+    python scripts/bench.py --shape flux --latent 1024,4096                # DiT mode: image tokens
     PYTHONPATH=$SD_SCRIPTS python scripts/bench.py ...             # adds networks.lora and, where
                                                                    # installed, lycoris-lora
 
 Shapes: sd15 = diffusers UNet2DConditionModel with SD1.5's config (320/640/1280/1280, 2 layers per
 block, cross-attention 768, head dim 8); sdxl = SDXL's (320/640/1280, 1/2/10 transformer layers,
-cross-attention 2048, text_time embedding); toy = 64/128, one layer per block. Random weights,
-nothing downloaded. Configurations: rank 8, alpha 4, preset attn-mlp (the transformer blocks) unless
+cross-attention 2048, text_time embedding); toy = 64/128, one layer per block; flux = FLUX.1-dev's
+adapted Linears of one double and one single block at width 3072 / MLP 12288 (scripts/flux_blocks.py;
+--latent is then the number of image tokens, beside --txt-tokens text tokens), flux-small the same at
+256 / 1024. --fp8-base stores the frozen weights as float8_e4m3fn, as sd-scripts' --fp8_base does,
+and runs the steps under bf16 autocast. Random weights, nothing downloaded. Configurations: rank 8, alpha 4, preset attn-mlp (the transformer blocks) unless
 the row says otherwise; batch 1; AdamW.
 """
 from __future__ import annotations
@@ -63,6 +67,8 @@ LYCORIS_PRESETS = {
                 '''text_encoder_target_module = []\ntext_encoder_target_name = []\n''',
     "default": '''unet_target_module = ["Transformer2DModel", "ResnetBlock2D", "Downsample2D", "Upsample2D"]\n'''
                '''unet_target_name = []\ntext_encoder_target_module = []\ntext_encoder_target_name = []\n''',
+    "dit": '''unet_target_module = ["DoubleStreamBlock", "SingleStreamBlock"]\nunet_target_name = []\n'''
+           '''text_encoder_target_module = []\ntext_encoder_target_name = []\n''',
 }
 
 SHAPES = {
@@ -82,18 +88,39 @@ SHAPES = {
 }
 
 
-def make_unet(shape: str, seed: int = 0):
+#: DiT shapes: (hidden width, MLP width) of FLUX.1's blocks (scripts/flux_blocks.py)
+DIT_SHAPES = {"flux": (3072, 12288), "flux-small": (256, 1024)}
+
+
+def make_unet(shape: str, seed: int = 0, fp8: bool = False):
+    """The frozen model of a shape (a U-Net, or the DiT blocks), its weights fp8 with ``fp8``."""
     import torch
-    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    return UNet2DConditionModel(**SHAPES[shape]).requires_grad_(False).train()
+    if shape in DIT_SHAPES:
+        from flux_blocks import Flux
+
+        model = Flux(*DIT_SHAPES[shape])
+    else:
+        from diffusers import UNet2DConditionModel
+
+        model = UNet2DConditionModel(**SHAPES[shape])
+    model.requires_grad_(False).train()
+    if fp8:  # sd-scripts' --fp8_base: the frozen weights stored as float8_e4m3fn
+        for m in model.modules():
+            if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+                m.weight.data = m.weight.data.to(torch.float8_e4m3fn)
+    return model
 
 
-def inputs(shape: str, latent: int, batch: int, device: str):
+def inputs(shape: str, latent: int, batch: int, device: str, txt_tokens: int = 512):
     import torch
 
     g = torch.Generator().manual_seed(1)
+    if shape in DIT_SHAPES:  # latent: image tokens
+        h = DIT_SHAPES[shape][0]
+        return torch.randn(batch, latent, h, generator=g).to(device), None, \
+            torch.randn(batch, txt_tokens, h, generator=g).to(device), {}
     cross = SHAPES[shape]["cross_attention_dim"]
     x = torch.randn(batch, 4, latent, latent, generator=g).to(device)
     enc = torch.randn(batch, 77, cross, generator=g).to(device)
@@ -121,11 +148,15 @@ def build(kind: str, config: str, unet, args):
 
         path = os.path.join(tempfile.mkdtemp(), "preset.toml")
         with open(path, "w") as f:
-            f.write(LYCORIS_PRESETS[preset])
+            f.write(LYCORIS_PRESETS["dit" if args.shape in DIT_SHAPES else preset])
         extra = {k: str(v) for k, v in net_args.items() if k != "algo"}
         if "dora_wd" in extra and "wd_on_output" not in extra:
             extra["wd_on_output"] = "False"  # lycoris-lora defaults to the output axis; ours to the input one
         net = create_network(1.0, args.dim, args.alpha, None, [], unet, algo=net_args["algo"], preset=path, **extra)
+    elif args.shape in DIT_SHAPES:  # sd-scripts' networks.lora_flux: DoubleStreamBlock, SingleStreamBlock
+        from networks.lora_flux import create_network
+
+        net = create_network(1.0, args.dim, args.alpha, None, [], unet, neuron_dropout=net_args.get("dropout"))
     else:  # kohya networks.lora: Transformer2DModel, plus ResNet/samplers with conv_dim
         from networks.lora import create_network
 
@@ -155,7 +186,7 @@ def _stepper(kind, config, args, latent, unet):
     """(step function, modules) of one configuration on this U-Net."""
     import torch
 
-    x, t, enc, kw = inputs(args.shape, latent, args.batch, args.device)
+    x, t, enc, kw = inputs(args.shape, latent, args.batch, args.device, args.txt_tokens)
     net = build(kind, config, unet, args)
     max_norm = CONFIGS[config][0].get("scale_weight_norms") if config else None
     if net is None:
@@ -167,10 +198,12 @@ def _stepper(kind, config, args, latent, unet):
         net.train()
         modules = len(getattr(net, "unet_loras", []))
     model = torch.compile(unet) if args.compile else unet
+    dit = args.shape in DIT_SHAPES
 
     def step():
         t0 = time.perf_counter()
-        out = model(inp, t, enc, **kw).sample
+        with torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=args.fp8_base):
+            out = model(inp, enc) if dit else model(inp, t, enc, **kw).sample
         out.float().square().mean().backward()
         if opt is not None:
             opt.step()
@@ -194,7 +227,7 @@ def run_one(kind, config, args, latent):
     # AdamW's second moments of tiny gradients are denormal floats, which x86 CPUs compute ~100x
     # slower; whichever network has them first would look slow (GPUs flush them anyway)
     torch.set_flush_denormal(True)
-    step, modules = _stepper(kind, config, args, latent, make_unet(args.shape).to(args.device))
+    step, modules = _stepper(kind, config, args, latent, make_unet(args.shape, fp8=args.fp8_base).to(args.device))
     first = step()  # the first step compiles under --compile
     for _ in range(args.warmup - 1):
         step()
@@ -204,7 +237,7 @@ def run_one(kind, config, args, latent):
     peak = _peak_memory(args.device)
     if kind == "floor":
         return {"t": statistics.median(alone), "floor": None, "modules": 0, "first": first, "peak": peak}
-    floor_step, _ = _stepper("floor", None, args, latent, make_unet(args.shape).to(args.device))
+    floor_step, _ = _stepper("floor", None, args, latent, make_unet(args.shape, fp8=args.fp8_base).to(args.device))
     for _ in range(args.warmup):
         floor_step()
     pairs = [(floor_step(), step()) for _ in range(args.steps)]
@@ -255,8 +288,11 @@ def importable(module):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="sd15")
-    p.add_argument("--latent", default="8", help="latent sizes, comma-separated (8 = 64 px)")
+    p.add_argument("--shape", choices=sorted(SHAPES) + sorted(DIT_SHAPES), default="sd15")
+    p.add_argument("--latent", default="8", help="latent sizes, comma-separated (8 = 64 px); DiT shapes: image tokens")
+    p.add_argument("--txt-tokens", type=int, default=512, help="DiT shapes: text tokens")
+    p.add_argument("--fp8-base", action="store_true", help="frozen weights as float8_e4m3fn (sd-scripts' --fp8_base), "
+                   "steps under bf16 autocast")
     p.add_argument("--only", default=DEFAULT_ROWS, help=f"rows, comma-separated, of: {', '.join(CONFIGS)}; 'all'")
     p.add_argument("--dim", type=int, default=8)
     p.add_argument("--alpha", type=float, default=4.0)
@@ -277,15 +313,16 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(CONFIGS)}")
     have_lycoris = importable("lycoris.kohya") and not args.no_lycoris
-    have_kohya = importable("networks.lora")
+    have_kohya = importable("networks.lora_flux" if args.shape in DIT_SHAPES else "networks.lora")
     unit = "MiB CUDA" if args.device.startswith("cuda") else "MiB RSS"
-    print(f"# {args.shape} U-Net, batch {args.batch}, rank {args.dim}, alpha {args.alpha:g}, {args.threads} threads, "
+    what = f"{args.shape} DiT blocks, {args.txt_tokens} text tokens" if args.shape in DIT_SHAPES else f"{args.shape} U-Net"
+    print(f"# {what}{', fp8 base' if args.fp8_base else ''}, batch {args.batch}, rank {args.dim}, alpha {args.alpha:g}, {args.threads} threads, "
           f"device {args.device}; median of {args.steps} steps after {args.warmup} warm-up; "
           f"{'torch.compile; ' if args.compile else ''}"
           f"lycoris-lora: {'yes' if have_lycoris else 'no'}; kohya networks.lora: {'yes' if have_kohya else 'no'}")
     for latent in (int(v) for v in args.latent.split(",")):
         start = measure_floor(args, latent)
-        print(f"\n## latent {latent}: floor {start['t']:.3f} s/step at the start, {start['peak']:.0f} {unit}, "
+        print(f"\n## {'image tokens' if args.shape in DIT_SHAPES else 'latent'} {latent}: floor {start['t']:.3f} s/step at the start, {start['peak']:.0f} {unit}, "
               f"first step {start['first']:.1f} s\n")
         print(f"| network | modules | s/step | floor s/step | x floor | pair ratios min-max | x lycoris (time above floor) "
               f"| peak {unit} | x kohya mem | x lycoris mem | first step s |")
