@@ -408,10 +408,12 @@ class LycorisNetwork(nn.Module):
         return True
 
     @torch.no_grad()
-    def merge_to(self, text_encoder=None, unet=None, weights_sd=None, dtype=None, device=None):
+    def merge_to(self, text_encoder=None, unet=None, weights_sd=None, dtype=None, device=None, non_blocking=False):
         """Merge every module into its base layer in place: W <- merged weight at this network's
         multiplier. Computed in fp32 on ``device`` (default: the layer's), rounded to ``dtype``
-        (default: the layer's), stored back in the layer's own dtype and device, as kohya does."""
+        (default: the layer's), stored back in the layer's own dtype and device, as kohya does.
+        ``non_blocking`` (musubi-tuner's merge and inference scripts pass it) is accepted; the copies
+        here are synchronous, which gives the same weights."""
         if weights_sd is not None:
             self.load_state_dict(weights_sd, strict=True)
         keys = list(weights_sd if weights_sd is not None else self.state_dict())

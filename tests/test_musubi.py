@@ -313,6 +313,12 @@ def test_from_weights_is_a_network_and_a_pair():
     assert dict(zip(("network", "weights"), net))["network"] is net  # unpacks more than once
     with pytest.raises(TypeError, match="unet="):
         kohya.create_arch_network_from_weights(1.0, sd)
+    # musubi's merge_lora.py / *_generate_*.py call merge_to this way
+    t = ml.build("wan")
+    w0 = t.blocks[0].ffn[2].weight.detach().clone()
+    net = kohya.create_arch_network_from_weights(1.0, sd, unet=t, for_inference=True)
+    net.merge_to(None, t, sd, device="cpu", non_blocking=True)
+    assert torch.allclose(t.blocks[0].ffn[2].weight, locon_merged(sd, "lora_unet_blocks_0_ffn_2", w0, 1.0), atol=1e-6)
 
 
 def test_sd_scripts_calls_are_unchanged():
