@@ -10,7 +10,7 @@ from . import specs as sp
 from . import targets as tg
 from . import weights as wio
 from .algos.geometry import LayerGeometry
-from .config import parse_bool, parse_config
+from .config import ConfigError, parse_bool, parse_config
 from .network import LycorisNetwork
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,13 @@ class MusubiNetwork(LycorisNetwork):
 def _check_musubi_model(unet, kwargs) -> None:
     if unet is None:
         raise TypeError("create_arch_network: musubi-tuner passes the DiT as the sixth argument (unet); got None")
+    for key in ("exclude_patterns", "include_patterns"):
+        if key in kwargs:
+            raise ConfigError(
+                f"network_arg {key} is an option of musubi-tuner's own networks.lora (regexes on module paths); "
+                "lycoris_kohya chooses layers with a preset: a built-in one (preset=attn-mlp, attn-only, full) or "
+                "a TOML file, --network_args \"preset=/path/to/dit.toml\" with exclude_name = [\"*.ffn.*\"] and/or "
+                "unet_target_name = [\"blocks.*.self_attn\"] (globs on the same paths; docs/options.md#presets-preset)")
     if tg.find_family(unet, tg.MUSUBI) is None and "preset" not in kwargs:
         raise ValueError(tg.unknown_model(unet))
 

@@ -217,6 +217,11 @@ def test_an_unknown_model_says_what_is_known_and_how_to_target_it(tmp_path):
         arch(t, preset="attn-only")
 
 
+def test_musubis_own_pattern_args_point_to_presets():
+    with pytest.raises(ConfigError, match=r"exclude_patterns is an option of musubi-tuner's own networks.lora.*exclude_name"):
+        arch(ml.build("wan"), exclude_patterns="['.*ffn.*']")
+
+
 # ----- the protocol, as trainer_base.py calls it ---------------------------------------------------
 class Args:
     """The few musubi args the network sees (trainer_base passes the Namespace to prepare_network)."""
