@@ -1,6 +1,11 @@
 """Dense weight differences -> LoCon tensors: truncated SVD (or Tucker/HOSVD for kxk convs), with
 the rank fixed, chosen from the spectrum (sd-scripts' resize_lora rules), or exact (every singular
-value above fp32 noise). The error is measured on the tensors as they will be stored."""
+value above fp32 noise). The error is measured on the tensors as they will be stored.
+
+A difference that is exactly zero (a module the training never changed: sd-scripts' SDXL text
+encoder 1 never uses its last layer, so that layer's lora_up stays zero) has no singular vectors to
+keep; it is written as a rank-1 LoCon with lora_up = 0 and a unit lora_down (g*dW = 0 exactly, every
+tensor finite, and training can resume from it: the zero lora_up still gets a gradient)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,6 +59,11 @@ class Fit:
     rank: int
     error: float  # ||D - D_fit||_F, measured on the stored (rounded) tensors
     norm: float  # ||D||_F
+    numerical_rank: Optional[int] = None  # singular values above fp32 noise (0: D is zero)
+
+    @property
+    def zero(self) -> bool:
+        return self.norm == 0.0
 
     @property
     def relative_error(self) -> float:
@@ -97,6 +107,25 @@ def choose_rank(s: torch.Tensor, rank: Optional[int], dynamic: Optional[Tuple[st
     return max(1, k)
 
 
+def numerical_rank(s: torch.Tensor) -> int:
+    """How many singular values (descending) are above fp32 noise (0 for a zero matrix)."""
+    s = s.double()
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    return int((s > float(s[0]) * s.numel() * torch.finfo(torch.float32).eps).sum())
+
+
+def zero_fit(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> Fit:
+    """A rank-1 LoCon whose g*dW is exactly zero: lora_up = 0, lora_down a unit vector, alpha = 1
+    (see the module docstring)."""
+    shape = tuple(int(x) for x in shape)
+    down = torch.zeros(1, *shape[1:])
+    down.view(-1)[0] = 1.0
+    up = torch.zeros(shape[0], 1, *([1, 1] if len(shape) == 4 else []))
+    tensors = {locon.DOWN: down.to(dtype), locon.UP: up.to(dtype), "alpha": torch.tensor(1.0, dtype=dtype)}
+    return Fit(tensors, 1, 0.0, 0.0, 0)
+
+
 def _measure(d: torch.Tensor, tensors: Dict[str, torch.Tensor]) -> float:
     approx = locon.LOCON.delta({k: v.float() for k, v in tensors.items() if k != "alpha"}, tuple(d.shape))
     return float(torch.linalg.vector_norm(d.float() - approx, dtype=torch.float64))
@@ -109,17 +138,22 @@ def svd_fit(d: torch.Tensor, rank: Optional[int], dynamic: Optional[Tuple[str, f
     the truncated SVD; factors balanced (each gets sqrt of the singular values)."""
     d = d.float()
     shape = tuple(d.shape)
+    if not bool(d.any()):
+        return zero_fit(shape, dtype)
     m = d.reshape(shape[0], -1)
     u, s = left_spectrum(m, rank_bound, power=power)
     r = choose_rank(s, rank, dynamic)
+    # kept singular values are above fp32 noise (choose_rank), so > 0; the division is done in fp64,
+    # where sqrt(s) of any fp32 matrix's s is far from underflowing
     root = s[:r].sqrt().clamp_min(torch.finfo(torch.float64).tiny)
     up = (u[:, :r] * root).float()
-    down = (u[:, :r].T.float() @ m) / root[:, None].float()
+    down = ((u[:, :r].T @ m.double()) / root[:, None]).float()
     if len(shape) == 4:
         up, down = up.reshape(shape[0], r, 1, 1), down.reshape(r, *shape[1:])
     tensors = {locon.DOWN: down.to(dtype).contiguous(), locon.UP: up.to(dtype).contiguous(),
                "alpha": torch.tensor(float(r), dtype=dtype)}
-    return Fit(tensors, r, _measure(d, tensors), float(torch.linalg.vector_norm(d, dtype=torch.float64)))
+    return Fit(tensors, r, _measure(d, tensors), float(torch.linalg.vector_norm(d, dtype=torch.float64)),
+               None if power else numerical_rank(s))
 
 
 def tucker_fit(d: torch.Tensor, rank: Optional[int], dynamic: Optional[Tuple[str, float]] = None,
@@ -128,6 +162,8 @@ def tucker_fit(d: torch.Tensor, rank: Optional[int], dynamic: Optional[Tuple[str
     conv's ``d`` by truncated HOSVD on the output and input modes (zero-padded to one rank)."""
     d = d.float()
     o, i, kh, kw = d.shape
+    if not bool(d.any()):
+        return zero_fit(d.shape, dtype)
     u1, s1 = left_spectrum(d.reshape(o, -1), rank_bound)
     u2, s2 = left_spectrum(d.permute(1, 0, 2, 3).reshape(i, -1), rank_bound)
     r = max(choose_rank(s1, rank, dynamic), choose_rank(s2, rank, dynamic))  # one rank for both modes
@@ -140,7 +176,8 @@ def tucker_fit(d: torch.Tensor, rank: Optional[int], dynamic: Optional[Tuple[str
                locon.MID: mid.to(dtype).contiguous(),
                locon.UP: a.reshape(o, r, 1, 1).to(dtype).contiguous(),
                "alpha": torch.tensor(float(r), dtype=dtype)}
-    return Fit(tensors, r, _measure(d, tensors), float(torch.linalg.vector_norm(d, dtype=torch.float64)))
+    return Fit(tensors, r, _measure(d, tensors), float(torch.linalg.vector_norm(d, dtype=torch.float64)),
+               max(numerical_rank(s1), numerical_rank(s2)))
 
 
 def fit(d: torch.Tensor, rank: Optional[int], dynamic=None, tucker: bool = False, dtype=torch.float32,
