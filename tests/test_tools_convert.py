@@ -149,7 +149,7 @@ def test_lossy_only_when_asked(sd1, tmp_path, capsys):
     out = tmp_path / "b.safetensors"
     assert cli.main(["convert", src, "--for", "diffusers", "--out", str(out)]) == 1
     assert "give the base model (--base)" in capsys.readouterr().err  # LoHa: kernel not in the file
-    assert cli.main(["convert", src, "--for", "diffusers", "--out", str(out), "--rank", "2"]) == 1
+    assert cli.main(["convert", src, "--for", "diffusers", "--out", str(out), "--rank", "2"]) == 2  # a usage error
     assert "only used with --allow-lossy" in capsys.readouterr().err
     assert cli.main(["convert", src, "--for", "all", "--base", base, "--out", str(out), "--rank", "2",
                      "--allow-lossy", "--json"]) == 0

@@ -146,13 +146,13 @@ def test_sdxl_names_are_sdscripts(sdxl_single, tmp_path, capsys):
 
 def test_refusals(tiny_sd, sd1_single, sdxl_single, tmp_path, capsys):
     out = tmp_path / "e.safetensors"
-    for argv, msg in [
-        (["--base", tiny_sd, "--tuned", sd1_single, "--rank", "2"], "does not differ"),
-        (["--base", tiny_sd, "--tuned", sdxl_single, "--rank", "2"], "not the same kind of model"),
-        (["--base", tiny_sd, "--tuned", sd1_single, "--rank", "0"], "at least 1"),
-        (["--base", str(tmp_path / "nope"), "--tuned", sd1_single, "--rank", "2"], "nope: no such file"),
+    for argv, msg, code in [  # 2: the command line is wrong; 1: the models
+        (["--base", tiny_sd, "--tuned", sd1_single, "--rank", "2"], "does not differ", 1),
+        (["--base", tiny_sd, "--tuned", sdxl_single, "--rank", "2"], "not the same kind of model", 1),
+        (["--base", tiny_sd, "--tuned", sd1_single, "--rank", "0"], "at least 1", 2),
+        (["--base", str(tmp_path / "nope"), "--tuned", sd1_single, "--rank", "2"], "nope: no such file", 1),
     ]:
-        assert cli.main(["extract", *argv, "--out", str(out)]) == 1
+        assert cli.main(["extract", *argv, "--out", str(out)]) == code
         assert msg in capsys.readouterr().err, argv
         assert not out.exists()
 
@@ -165,7 +165,8 @@ def test_fast_randomized_svd(tiny_sd, tmp_path, capsys):
     out = tmp_path / "e.safetensors"
     r = extract(capsys, "--base", tiny_sd, "--tuned", tuned, "--rank", 4, "--fast", "--out", out, "--dtype", "fp32")
     assert r["total_relative_error"] < 1e-5  # the sketch (rank + 8) holds the whole rank-4 difference
-    r = extract(capsys, "--base", tiny_sd, "--tuned", tuned, "--rank", 2, "--fast", "--out", out, "--dtype", "fp32")
+    r = extract(capsys, "--base", tiny_sd, "--tuned", tuned, "--rank", 2, "--fast", "--out", out, "--dtype", "fp32",
+                "--force")  # replaces the rank-4 file
     got = _deltas(out, shapes)
     for n, d in changes.items():
         s = torch.linalg.svdvals(d.reshape(d.shape[0], -1).double())
@@ -174,5 +175,5 @@ def test_fast_randomized_svd(tiny_sd, tmp_path, capsys):
         assert r["modules"][n]["relative_error"] == pytest.approx(measured, rel=1e-4), n
         assert optimal * (1 - 1e-6) <= measured <= optimal * 1.05, (n, optimal, measured)
     assert cli.main(["extract", "--base", tiny_sd, "--tuned", tuned, "--rank", "2", "--fast", "--dynamic", "sv_fro",
-                     "0.9", "--out", str(tmp_path / "x.safetensors")]) == 1
+                     "0.9", "--out", str(tmp_path / "x.safetensors")]) == 2  # a usage error
     assert "needs the whole spectrum" in capsys.readouterr().err

@@ -117,7 +117,7 @@ def test_merge_dtype_and_wrong_model(tiny_sd, sd1_single, sdxl_single, tmp_path,
     err = capsys.readouterr().err
     assert str(a) in err and "have no layer in" in err and "lora_" in err
     assert not out.exists()
-    assert cli.main(["merge", f"{a}:strong", "--into", sd1_single, "--out", str(out)]) == 1
+    assert cli.main(["merge", f"{a}:strong", "--into", sd1_single, "--out", str(out)]) == 2  # a usage error
     assert "FILE:MULTIPLIER" in capsys.readouterr().err
     assert cli.main(["merge", str(tmp_path / "missing.safetensors"), "--into", sd1_single, "--out", str(out)]) == 1
     assert "missing.safetensors: no such file" in capsys.readouterr().err

@@ -141,7 +141,7 @@ def test_dynamic_ranks_follow_the_spectrum(sd1, tmp_path, capsys):
         want = min(3, int((frac < 0.8).sum()) + 1)
         assert r["modules"][a.lora_name]["rank"] == want, a.lora_name
     meta = load_metadata(str(tmp_path / "b.safetensors"))
-    assert json.loads(meta["lycoris_kohya_resize"])["dynamic"] == ["sv_fro", 0.8]
+    assert json.loads(meta["lycoris_kohya"])["tool"]["dynamic"] == ["sv_fro", 0.8]
     assert meta["ss_network_dim"] == "Dynamic"
 
 
@@ -149,14 +149,14 @@ def test_refusals_name_the_reason(sd1, tmp_path, capsys):
     _, te, unet = sd1
     src = save(network(te, unet, algo="loha"), tmp_path / "a.safetensors")
     out = tmp_path / "b.safetensors"
-    for argv, msg in [
-        (["--rank", "0"], "--rank 0: a rank must be at least 1"),
-        (["--rank", "2"], "give the base model (--base)"),
-        (["--rank", "2", "--dynamic", "sv_fro", "1.5"], "a fraction in (0, 1]"),
-        (["--rank", "2", "--dynamic", "sv_ratio", "0.5"], "must be >= 1"),
-        (["--rank", "2", "--dynamic", "sv_max", "2"], "expected one of sv_ratio"),
+    for argv, msg, code in [  # 2: the command line is wrong; 1: the file needs something
+        (["--rank", "0"], "--rank 0: a rank must be at least 1", 2),
+        (["--rank", "2"], "give the base model (--base)", 1),
+        (["--rank", "2", "--dynamic", "sv_fro", "1.5"], "a fraction in (0, 1]", 2),
+        (["--rank", "2", "--dynamic", "sv_ratio", "0.5"], "must be >= 1", 2),
+        (["--rank", "2", "--dynamic", "sv_max", "2"], "expected one of sv_ratio", 2),
     ]:
-        assert cli.main(["resize", src, *argv, "--out", str(out)]) == 1
+        assert cli.main(["resize", src, *argv, "--out", str(out)]) == code
         err = capsys.readouterr().err
         assert msg in err, (argv, err)
         assert not out.exists()

@@ -15,7 +15,7 @@ import torch
 from .. import weights as wio
 from ..targets import TE_PREFIX, UNET_PREFIX
 from . import keymap
-from .common import ToolError
+from .common import ToolError, UsageError, not_readable
 
 LDM_UNET = "model.diffusion_model."
 SINGLE = "model"  # the one store of a single-file checkpoint
@@ -67,8 +67,8 @@ class Store:
 
             try:
                 handle = safe_open(path, "pt")
-            except Exception as e:
-                raise ToolError(f"{path}: not a readable .safetensors file ({type(e).__name__}: {e})") from None
+            except Exception:
+                raise ToolError(not_readable(path)) from None
             keys = list(handle.keys())
             for k in keys:
                 self._where[k] = handle
@@ -308,24 +308,29 @@ class Checkpoint:
         return out
 
     # ----- saving --------------------------------------------------------------------------------
-    def save(self, out: str, dtype: Optional[torch.dtype] = None, metadata: Optional[Mapping[str, str]] = None) -> None:
+    def save(self, out: str, dtype: Optional[torch.dtype] = None, metadata: Optional[Mapping[str, str]] = None,
+             force: bool = False) -> None:
         """Write the model with every set_weight applied (floating tensors cast to ``dtype`` if
         given), in the input's form: a single file, or a new diffusers folder (the other parts
-        copied). Atomic: a file is renamed into place; a folder is built beside ``out`` and renamed."""
-        if os.path.abspath(out) == os.path.abspath(self.path):
-            raise ToolError(f"{out}: the output must not be the input model")
+        copied). Atomic: a file is renamed into place; a folder is built beside ``out`` and renamed.
+        An existing ``out`` is replaced only with ``force`` (a folder only if it is a diffusers model),
+        and never when it is the input."""
+        if os.path.exists(out) and os.path.exists(self.path) and os.path.samefile(out, self.path):
+            raise UsageError(f"--out {out}: the output must not be the input model")
+        if os.path.lexists(out) and not force:
+            raise UsageError(f"--out {out}: already exists; add --force to replace it")
         if self.kind == "single":
             if os.path.isdir(out):
-                raise ToolError(f"{out}: is a folder; the input is a single file, give a file name")
+                raise UsageError(f"--out {out}: is a folder; the input is a single file, give a file name")
             meta = dict(self.metadata)
             meta.update(metadata or {})
             _write(out, self._tensors(SINGLE, list(self.stores[SINGLE]), dtype),
                    meta if out.endswith(".safetensors") else None)
             return
-        if os.path.exists(out):
-            raise ToolError(f"{out}: already exists; a merged diffusers folder is written to a new path")
+        if os.path.lexists(out) and not is_diffusers_folder(out):
+            raise UsageError(f"--out {out}: exists and is not a diffusers model folder; "
+                             f"not replaced, even with --force")
         parent = os.path.dirname(os.path.abspath(out))
-        os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".tmp-", suffix=os.path.basename(out), dir=parent)
         try:
             shutil.rmtree(tmp)
@@ -334,7 +339,14 @@ class Checkpoint:
                 for file, keys in parts:
                     rel = os.path.relpath(file, self.path)
                     _write(os.path.join(tmp, rel), self._tensors(store, keys, dtype))
-            os.replace(tmp, out)
+            if os.path.lexists(out):  # --force: the old folder goes only once the new one is complete
+                old = tempfile.mkdtemp(prefix=".old-", suffix=os.path.basename(out), dir=parent)
+                os.rmdir(old)
+                os.replace(out, old)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -351,5 +363,10 @@ def parse_dtype(value: Optional[str]) -> Optional[torch.dtype]:
     if value is None:
         return None
     if value not in DTYPES:
-        raise ToolError(f"--dtype {value!r}: expected one of {', '.join(DTYPES)}")
+        raise UsageError(f"--dtype {value!r}: expected one of {', '.join(DTYPES)}")
     return DTYPES[value]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """--dtype's name of a dtype (fp16, bf16, fp32)."""
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).replace("torch.", ""))

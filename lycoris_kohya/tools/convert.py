@@ -12,8 +12,9 @@ from .. import specs as sp
 from ..algos import dora as dora_math
 from ..algos import locon, lokr
 from . import lowrank
-from .checkpoint import Checkpoint, parse_dtype
-from .common import ToolError, check_rank, module_tensors, progress, read_adapter, save_adapter
+from .checkpoint import Checkpoint, dtype_name, parse_dtype
+from .common import (ToolError, UsageError, check_input, check_output, check_rank, module_tensors, progress,
+                     read_adapter, save_adapter, short, summary, tool_metadata, true_rank, written)
 
 TARGETS = ("comfyui", "a1111", "diffusers", "all")
 HELP = "rewrite a file so that a UI or library applies it exactly as trained"
@@ -24,20 +25,25 @@ a1111: output-axis DoRA (not implemented there) as "diff". diffusers and all (on
 applies: plain LoCon): Tucker LoCon folded exactly; LoHa, LoKr and DoRA (as W_d - W0) factorised by SVD
 at their full numerical rank (exact up to float rounding, measured and reported). DoRA to "diff" or
 LoCon needs the base model (--base). What cannot be written exactly is refused with the reason; with
---allow-lossy --rank R it is truncated to rank R and the error reported."""
+--allow-lossy --rank R it is truncated to rank R and the error reported. A module whose g*dW is
+exactly zero (a layer the training never changed) that has to become LoCon is written as a rank-1
+LoCon with lora_up = 0. OUT must not exist (--force replaces it) and is never the input."""
+ZERO_HOW = "kept as they are, or (as LoCon) written as rank-1 LoCon with lora_up = 0"
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("convert", help=HELP, description=DESCRIPTION)
     p.add_argument("file", help="adapter file")
     p.add_argument("--for", dest="target", required=True, choices=TARGETS, help="the tool that will apply it")
-    p.add_argument("--out", required=True, help="output .safetensors")
+    p.add_argument("--out", required=True, help="output .safetensors (must not exist, unless --force)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists (never the input)")
     p.add_argument("--base", metavar="MODEL", help="base model (diffusers folder with unet/ and text_encoder/, or a "
                    "single-file checkpoint): needed for DoRA conversions and for layer shapes LoHa/LoKr files omit")
     p.add_argument("--allow-lossy", action="store_true", help="allow truncation to --rank (SVD), reporting the error")
     p.add_argument("--rank", type=int, help="with --allow-lossy: the largest rank of LoCon modules written by SVD")
     p.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="output dtype (default: the input's)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("-v", "--verbose", action="store_true", help="a line per module (default: a summary)")
     p.set_defaults(run=run)
 
 
@@ -61,10 +67,12 @@ def fold_lokr_t2(m: sp.StoredModule) -> Dict[str, torch.Tensor]:
 def _as_locon(d: torch.Tensor, rank: Optional[int], allow_lossy: bool, dtype, name: str,
               bound: Optional[int] = None) -> Tuple[Dict, str, float, float]:
     exact = lowrank.svd_fit(d, None, None, dtype, bound)
+    if exact.zero:
+        return exact.tensors, "LoCon rank 1 with lora_up = 0 (the module is exactly zero)", 0.0, 0.0
     if rank is None or rank >= exact.rank:
         return exact.tensors, f"LoCon rank {exact.rank} (full numerical rank)", exact.relative_error, exact.norm
     if not allow_lossy:
-        raise ToolError(f"{name}: needs rank {exact.rank} to be exact; --rank {rank} truncates it: add --allow-lossy")
+        raise UsageError(f"{name}: needs rank {exact.rank} to be exact; --rank {rank} truncates it: add --allow-lossy")
     f = lowrank.svd_fit(d, rank, None, dtype, bound)
     return f.tensors, f"LoCon rank {f.rank} (truncated from {exact.rank})", f.relative_error, f.norm
 
@@ -111,16 +119,19 @@ def convert_module(m: sp.StoredModule, target: str, w0: Optional[torch.Tensor], 
 
 
 def convert(path: str, target: str, out: str, base: Optional[str] = None, allow_lossy: bool = False,
-            rank: Optional[int] = None, dtype: Optional[torch.dtype] = None) -> Dict:
+            rank: Optional[int] = None, dtype: Optional[torch.dtype] = None, force: bool = False) -> Dict:
     if target not in TARGETS:
-        raise ToolError(f"--for {target!r}: expected one of {', '.join(TARGETS)}")
+        raise UsageError(f"--for {target!r}: expected one of {', '.join(TARGETS)}")
     check_rank(rank)
     if rank is not None and not allow_lossy:
-        raise ToolError("--rank truncates: it is only used with --allow-lossy")
+        raise UsageError("--rank truncates: it is only used with --allow-lossy")
+    check_input(path)
+    check_output(out, [path, base], force)
     modules, meta = read_adapter(path)
     ckpt = Checkpoint(base) if base else None
     tensors: Dict[str, torch.Tensor] = {}
     report: Dict[str, Dict[str, object]] = {}
+    shapes: Dict[str, tuple] = {}
     for name, m in progress(sorted(modules.items()), f"convert for {target}"):
         w0 = None
         if ckpt is not None:
@@ -128,35 +139,63 @@ def convert(path: str, target: str, out: str, base: Optional[str] = None, allow_
             if t is None:
                 raise ToolError(f"{path}: module {name} has no layer in {base}")
             w0 = ckpt.weight(t)
-            m = m.fit(w0.shape)
+            try:
+                m = m.fit(w0.shape)
+            except ValueError as e:
+                raise ToolError(f"{path}: {e} (the layer in {base} is {list(w0.shape)})") from None
+        if m.weight_shape is not None:
+            shapes[name] = m.weight_shape
         try:
             new, what, err, norm = convert_module(m, target, w0, rank, allow_lossy, dtype)
-        except (sp.ShapeUnknown, ToolError) as e:
+        except sp.ShapeUnknown as e:
             raise ToolError(f"{path}: {e}") from None
+        except ToolError as e:
+            raise type(e)(f"{path}: {e}") from None
         tensors.update(module_tensors(name, new))
-        report[name] = {"algo": m.algo, "action": what, "relative_error": err,
-                        "norm": m.norm() if norm is None else norm}
-    meta = dict(meta)
-    meta["lycoris_kohya_converted_for"] = target
-    save_adapter(out, tensors, meta)
+        norm = m.norm() if norm is None else norm
+        report[name] = {"algo": m.algo, "action": what, "relative_error": err, "norm": norm, "zero": norm == 0.0,
+                        "rank_in": 0 if norm == 0.0 else None if m.algo == sp.DIFF else true_rank(m)}
+    written_modules = sp.read_modules(tensors, shapes)
+    for name, w in written_modules.items():  # the rank g*dW has now (None for a full difference)
+        report[name]["rank"] = None if w.algo == sp.DIFF else true_rank(w)
+    args = [short(path), "--for", target] + (["--base", short(base)] if base else []) \
+        + (["--allow-lossy"] if allow_lossy else []) + (["--rank", rank] if rank is not None else []) \
+        + (["--dtype", dtype_name(dtype)] if dtype is not None else [])
     n2 = sum(r["norm"] ** 2 for r in report.values())
     e2 = sum((r["relative_error"] * r["norm"]) ** 2 for r in report.values())
-    return {"file": path, "for": target, "out": out, "modules": report,
-            "total_relative_error": math.sqrt(e2 / n2) if n2 > 0 else 0.0}
+    total = math.sqrt(e2 / n2) if n2 > 0 else 0.0
+    changed = any(r["action"] != "unchanged" for r in report.values())
+    meta = tool_metadata(written_modules, meta, "convert", args, refactorised=changed,
+                         extra={"for": target, "total_relative_error": total})
+    save_adapter(out, tensors, meta)
+    return {"file": path, "for": target, "out": out, "modules": report, "total_relative_error": total,
+            "summary": summary(report)}
 
 
 def run(args) -> int:
-    r = convert(args.file, args.target, args.out, args.base, args.allow_lossy, args.rank, parse_dtype(args.dtype))
+    r = convert(args.file, args.target, args.out, args.base, args.allow_lossy, args.rank, parse_dtype(args.dtype),
+                args.force)
     if args.json:
         print(json.dumps(r, indent=1))
         return 0
+    if args.verbose:
+        for name, e in r["modules"].items():
+            err = f" (rel. error {e['relative_error']:.3e})" if e["relative_error"] else ""
+            print(f"{name:<72} {e['action']}{err}")
     actions: Dict[str, int] = {}
     for e in r["modules"].values():
-        key = e["action"].split(" rank ")[0] if "LoCon rank" in e["action"] else e["action"]
+        key = e["action"].split(" rank ")[0] if "LoCon rank" in e["action"] and "exactly zero" not in e["action"] \
+            else e["action"]
         actions[key] = actions.get(key, 0) + 1
+    print(f"convert {r['file']} for {r['for']}:")
     for what, n in actions.items():
-        print(f"{n:>5} modules: {what}")
-    worst = max(r["modules"].items(), key=lambda kv: kv[1]["relative_error"])
-    print(f"largest relative error {worst[1]['relative_error']:.3e} ({worst[0]}); "
-          f"total {r['total_relative_error']:.3e} -> {r['out']} (for {r['for']})")
+        print(f"  {n:>5} modules: {what}")
+    s = r["summary"]
+    print(f"  relative error: max {s['max_relative_error']:.3e}"
+          + (f" ({s['worst_module']})" if s["max_relative_error"] > 0 else "")
+          + f", mean {s['mean_relative_error']:.3e}, total {r['total_relative_error']:.3e}")
+    if s["zero_modules"]:
+        print(f"  {len(s['zero_modules'])} modules are exactly zero (g*dW = 0, layers the training never changed, "
+              f"e.g. {s['zero_modules'][0]}): {ZERO_HOW}")
+    print(written(r["out"]))
     return 0

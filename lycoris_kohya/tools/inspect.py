@@ -11,11 +11,12 @@ from .. import specs as sp
 from .. import weights as wio
 from ..algos import dora as dora_math
 from ..algos import locon, lokr
-from .common import ToolError, load_adapter_file
+from .common import ToolError, UsageError, check_output, load_adapter_file, true_rank, written
 
 HELP = "what an adapter file holds: algorithms, ranks, alphas, DoRA, norms per block, metadata, which UIs apply it"
 TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
                  "ss_v2", "ss_sd_model_name", "ss_output_name", "ss_training_comment")
+PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "pgf", "raw", "rgba")
 
 
 def add_parser(sub) -> None:
@@ -25,7 +26,8 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true", help='print one JSON object: {"modules": {name: {"algo", "rank", '
                    '"alpha", "dora_axis", "norm"}}, "metadata": {...}, "summary": {...}}')
     p.add_argument("--plot", metavar="OUT.png", help="bar chart of the norm per block (needs matplotlib: "
-                   "pip install 'lycoris_kohya[plot]')")
+                   "pip install 'lycoris_kohya[plot]'); OUT.png must not exist, unless --force")
+    p.add_argument("--force", action="store_true", help="replace the --plot file if it exists (never the input)")
     p.add_argument("--modules", action="store_true", help="also list every module")
     p.set_defaults(run=run)
 
@@ -76,6 +78,15 @@ def compatibility(modules: Mapping[str, sp.StoredModule]) -> Dict[str, Dict[str,
     return {tool: {"applies_as_trained": not msgs, "issues": msgs} for tool, msgs in issues.items()}
 
 
+def _rank(m: sp.StoredModule):
+    """The rank shown for a module: the one alpha divides by; for a LoKr whose factors are both full
+    (no such rank: alpha is ignored, the layout's placeholder is 1) the rank its g*dW has,
+    rank(w1)*rank(w2); None for a full difference."""
+    if m.algo == sp.DIFF:
+        return None
+    return m.rank if m.layout.use_alpha else true_rank(m)
+
+
 def summarize(path: str) -> Dict[str, object]:
     sd, meta = load_adapter_file(path)
     try:
@@ -88,8 +99,7 @@ def summarize(path: str) -> Dict[str, object]:
     for name in sorted(modules, key=lambda n: (not n.startswith("lora_te"), n)):
         m = modules[name]
         norm = m.norm()
-        entries[name] = {"algo": m.algo, "rank": None if m.algo == sp.DIFF else m.rank, "alpha": m.alpha,
-                         "dora_axis": m.dora_axis, "norm": norm}
+        entries[name] = {"algo": m.algo, "rank": _rank(m), "alpha": m.alpha, "dora_axis": m.dora_axis, "norm": norm}
         per_block.setdefault(block_of(name, is_sdxl), []).append(norm)
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in sd.values()})
     hashes = {}
@@ -106,7 +116,10 @@ def summarize(path: str) -> Dict[str, object]:
         "n_text_encoder": sum(1 for n in modules if n.startswith("lora_te")),
         "n_unet": sum(1 for n in modules if n.startswith("lora_unet")),
         "algorithms": algos,
-        "ranks": sorted({m.rank for m in modules.values() if m.algo != sp.DIFF}),
+        "ranks": sorted({e["rank"] for e in entries.values() if e["rank"] is not None}),
+        "max_ranks": sorted({true_rank(m) for m in modules.values()}),
+        "zero_modules": sorted(n for n, e in entries.items() if e["norm"] == 0.0),
+        "non_finite": sorted({k.split(".", 1)[0] for k in wio.non_finite(sd)}),
         "alphas": sorted({m.alpha for m in modules.values() if m.alpha is not None}),
         "dtypes": dtypes,
         "parameters": sum(t.numel() for t in sd.values()),
@@ -126,10 +139,17 @@ def _text(report: Dict[str, object], list_modules: bool) -> str:
              f"{s['parameters']:,} parameters, dtypes {', '.join(s['dtypes'])}",
              "algorithms: " + ", ".join(f"{k} x{v}" for k, v in s["algorithms"].items()),
              f"ranks: {', '.join(map(str, s['ranks']))}; alphas: {', '.join(f'{a:g}' for a in s['alphas']) or 'none (g = 1)'}",
+             f"rank of g*dW at most: {', '.join(map(str, s['max_ranks']))}",
              f"||g*dW||_F: total {s['total_norm']:.6g}, max module {s['max_norm']:.6g}",
              "", f"{'block':<8}{'modules':>8}{'norm':>14}{'max':>14}"]
     for b, v in s["blocks"].items():
         lines.append(f"{b:<8}{v['modules']:>8}{v['norm']:>14.6g}{v['max']:>14.6g}")
+    if s["non_finite"]:
+        lines.append(f"{len(s['non_finite'])} modules hold NaN or Inf (a damaged file, or a diverged training), "
+                     f"e.g. {s['non_finite'][0]}")
+    if s["zero_modules"]:
+        lines.append(f"{len(s['zero_modules'])} modules are exactly zero (g*dW = 0: layers the training never changed, "
+                     f"e.g. {s['zero_modules'][0]}); the tools keep them as zero modules")
     lines.append("")
     for tool, c in s["compatibility"].items():
         lines.append(f"{tool + ':':<12}" + ("applies every module as trained" if c["applies_as_trained"]
@@ -150,7 +170,15 @@ def _text(report: Dict[str, object], list_modules: bool) -> str:
     return "\n".join(lines)
 
 
+def _plot_format(out: str) -> str:
+    fmt = out.rsplit(".", 1)[-1].lower() if "." in out.rsplit("/", 1)[-1] else "png"
+    if fmt not in PLOT_FORMATS:
+        raise UsageError(f"--plot {out}: .{fmt} is not an image format matplotlib writes (use .png, .svg or .pdf)")
+    return fmt
+
+
 def plot(report: Dict[str, object], out: str) -> None:
+    fmt = _plot_format(out)
     try:
         import matplotlib
 
@@ -169,11 +197,14 @@ def plot(report: Dict[str, object], out: str) -> None:
     ax.legend()
     fig.tight_layout()
     with wio.atomic_target(out) as tmp:
-        fig.savefig(tmp, format=out.rsplit(".", 1)[-1] if "." in out else "png")
+        fig.savefig(tmp, format=fmt)
     plt.close(fig)
 
 
 def run(args) -> int:
+    if args.plot:
+        check_output(args.plot, [args.file], args.force, flag="--plot", kind="file")
+        _plot_format(args.plot)
     report = summarize(args.file)
     if args.plot:
         plot(report, args.plot)
@@ -182,5 +213,5 @@ def run(args) -> int:
     else:
         print(_text(report, args.modules))
         if args.plot:
-            print(f"plot: {args.plot}")
+            print(written(args.plot))
     return 0
