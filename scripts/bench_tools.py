@@ -130,7 +130,7 @@ def main():
           + ", ".join(f"{n} {size(o(n + '.safetensors')) / 1e6:.1f} MB" for n in NETWORKS))
     print("| command | rc | wall s | peak RSS GiB | output MB |\n|---|---|---|---|---|")
     for label, cmd, out in runs:
-        rc, wall, rss = timed(cmd, log)
+        rc, wall, rss = timed(cmd + ["--force"], log)  # a rerun replaces its own outputs
         out_mb = f"{size(out) / 1e6:.1f}" if out and os.path.exists(out) else "-"
         print(f"| {label} | {rc} | {wall:.1f} | {rss:.2f} | {out_mb} |", flush=True)
 
