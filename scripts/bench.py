@@ -193,7 +193,9 @@ def _stepper(kind, config, args, latent, unet):
         inp, opt, modules = x.clone().requires_grad_(True), None, 0
     else:
         inp = x
-        params, _ = net.prepare_optimizer_params(None, 1e-4, 1e-4)
+        # sd-scripts' networks.lora_flux has only the per-text-encoder spelling
+        prepare = getattr(net, "prepare_optimizer_params", None) or net.prepare_optimizer_params_with_multiple_te_lrs
+        params, _ = prepare(None, 1e-4, 1e-4)
         opt = torch.optim.AdamW(params, lr=1e-4)
         net.train()
         modules = len(getattr(net, "unet_loras", []))
