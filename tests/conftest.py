@@ -10,6 +10,20 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_intra_op_thread():
+    """Every tensor here is tiny: one intra-op thread is as fast on an idle machine, and on a shared
+    one (2 cores, other jobs) OpenMP's spinning threads made the suite ~2.5x slower (single
+    calls 40x). Tests of the multi-thread code (torch_ops.weight_mm's split) set their own count.
+    LYCORIS_TEST_THREADS=N runs with N threads (0: torch's default)."""
+    n = torch.get_num_threads()
+    want = int(os.environ.get("LYCORIS_TEST_THREADS", "1"))
+    if want:
+        torch.set_num_threads(want)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     from make_tiny_sd import build_tiny_sd

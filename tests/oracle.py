@@ -15,9 +15,28 @@ def cp(t, a, b):
     return out
 
 
+_KEYS = {}  # the last state dict seen, its key set, and its keys by module name
+
+
+def _module_keys(sd, name):
+    """The keys of ``sd`` that start with ``name + "."``. Callers ask once per module of the same
+    file: the keys are grouped once per state dict (checked against its current key set on every
+    call, so a dict that gained or lost keys is grouped again) instead of scanned per module."""
+    if "." in name:
+        return [k for k in sd if k.startswith(name + ".")]
+    if _KEYS.get("sd") is not sd or _KEYS["keys"] != sd.keys():
+        groups = {}
+        for k in sd:
+            head, dot, _ = k.partition(".")
+            if dot:
+                groups.setdefault(head, []).append(k)
+        _KEYS.update(sd=sd, keys=set(sd), groups=groups)
+    return _KEYS["groups"].get(name, [])
+
+
 def reference_delta(sd, name, shape):
     """(g, dW) from the stored tensors of one module."""
-    t = {k[len(name) + 1:]: v.float() for k, v in sd.items() if k.startswith(name + ".")}
+    t = {k[len(name) + 1:]: sd[k].float() for k in _module_keys(sd, name)}
     alpha = float(t["alpha"]) if "alpha" in t else None
     if "lora_down.weight" in t:
         up, down = t["lora_up.weight"], t["lora_down.weight"]

@@ -45,10 +45,10 @@ def _one_thread():
 
 
 @pytest.fixture(scope="session")
-def oracle_tiny_sd(tmp_path_factory):
-    from make_tiny_sd import build_tiny_sd
-
-    return build_tiny_sd(str(tmp_path_factory.mktemp("oracle-tiny-sd")), seed=0)
+def oracle_tiny_sd(tiny_sd):
+    """The session's tiny SD folder (conftest.py: build_tiny_sd, seed 0), read only: building a
+    second identical one took a second or more."""
+    return tiny_sd
 
 
 def _fresh_models(path):

@@ -45,16 +45,20 @@ def identical(pipe, snap):
     return same and no_hooks
 
 
-def expected_models(pipe, files):
+def expected_models(pipe, files, copy_models=True):
     """Copies of the pipeline's models with every file's closed-form merged weight, in order
-    (``files``: [(state dict with the model's names, multiplier)])."""
-    unet, tes = copy.deepcopy(pipe.unet), [copy.deepcopy(t) for t in tes_of(pipe)]
+    (``files``: [(state dict with the model's names, multiplier)]); copy_models=False writes the
+    weights into the pipeline's own models."""
+    unet, tes = pipe.unet, tes_of(pipe)
+    if copy_models:
+        unet, tes = copy.deepcopy(unet), [copy.deepcopy(t) for t in tes]
     layers = tg.every_layer(tes if len(tes) > 1 else tes[0], unet)
     with torch.no_grad():
         for sd, m in files:
+            sd = {k: v.float() for k, v in sd.items()}
             for name in {k.split(".")[0] for k in sd}:
                 w = layers[name].layer.weight
-                w.copy_(trained({k: v.float() for k, v in sd.items()}, name, w.detach().clone(), m))
+                w.copy_(trained(sd, name, w.detach().clone(), m))
     return unet, tes
 
 
@@ -93,36 +97,47 @@ def test_one_file_every_layout(tiny_sd, tmp_path, case):
     assert_outputs(outputs(pipe.unet, tes_of(pipe)), outputs(*expected_models_from(pipe, before, [(sd, 0.8)])))
     assert not close(outputs(pipe.unet, tes_of(pipe))[0], base_out[0])[0]  # it does something
     h.multiplier = 0.3
-    assert_outputs(outputs(pipe.unet, tes_of(pipe)), outputs(*expected_models_from(pipe, before, [(sd, 0.3)])))
-    h.merge()
     unet_w, tes_w = expected_models_from(pipe, before, [(sd, 0.3)])
+    want_w = outputs(unet_w, tes_w)
+    assert_outputs(outputs(pipe.unet, tes_of(pipe)), want_w)
+    h.merge()
     layers = tg.every_layer(tes_of(pipe)[0], pipe.unet)
     want_layers = tg.every_layer(tes_w[0], unet_w)
     for name in layers:  # merged weights are the closed form (fp32 rounding)
         assert torch.allclose(layers[name].layer.weight, want_layers[name].layer.weight, atol=2e-6, rtol=1e-5), name
-    assert_outputs(outputs(pipe.unet, tes_of(pipe)), outputs(unet_w, tes_w))
+    assert_outputs(outputs(pipe.unet, tes_of(pipe)), want_w)
     h.multiplier = 0.6  # while merged: re-merged at the new strength
     assert_outputs(outputs(pipe.unet, tes_of(pipe)), outputs(*expected_models_from(pipe, before, [(sd, 0.6)])))
     h.unmerge()
-    assert all(torch.equal(pipe.unet.state_dict()[k], before["unet"][k]) for k in before["unet"])
+    unmerged = pipe.unet.state_dict()
+    assert all(torch.equal(unmerged[k], before["unet"][k]) for k in before["unet"])
     h.remove()
     assert identical(pipe, before)
     assert_outputs(outputs(pipe.unet, tes_of(pipe)), base_out, tol=0)
 
 
+_COPY = {}  # the pipeline last asked about and a copy of its models: one deep copy per pipeline, not per call
+
+
 def expected_models_from(pipe, snap, files):
-    """expected_models on a pipeline restored to ``snap`` (the pipeline itself is not touched)."""
-    unet, tes = copy.deepcopy(pipe.unet), [copy.deepcopy(t) for t in tes_of(pipe)]
-    unet.load_state_dict(snap["unet"])
-    for i, t in enumerate(tes):
+    """expected_models on a copy of the pipeline restored to ``snap`` (the pipeline itself is not
+    touched). The copy is made once per pipeline and restored from ``snap`` on every call, so the
+    models one call returns hold its weights until the next call."""
+    if _COPY.get("pipe") is not pipe:
+        unet, tes = copy.deepcopy(pipe.unet), [copy.deepcopy(t) for t in tes_of(pipe)]
+        for model in [unet] + tes:
+            for m in model.modules():
+                m.__dict__.pop("forward", None)
+        holder = type("P", (), {})()
+        holder.unet, holder.text_encoder = unet, tes[0]
+        holder.text_encoder_2 = tes[1] if len(tes) > 1 else None
+        _COPY.clear()
+        _COPY.update(pipe=pipe, holder=holder)
+    holder = _COPY["holder"]
+    holder.unet.load_state_dict(snap["unet"])
+    for i, t in enumerate(tes_of(holder)):
         t.load_state_dict(snap[f"te{i}"])
-    for model in [unet] + tes:
-        for m in model.modules():
-            m.__dict__.pop("forward", None)
-    holder = type("P", (), {})()
-    holder.unet, holder.text_encoder = unet, tes[0]
-    holder.text_encoder_2 = tes[1] if len(tes) > 1 else None
-    return expected_models(holder, files)
+    return expected_models(holder, files, copy_models=False)
 
 
 def test_several_files_any_removal_order(tiny_sd, tmp_path):

@@ -109,6 +109,7 @@ def test_sdxl_files_say_sdxl(sdxl_models, models, tmp_path):
     assert version(tmp_path / "sd1.safetensors") is None
 
 
+@pytest.mark.slow  # the smoke train, end to end
 @pytest.mark.parametrize("args", [["algo=lokr", "dora_wd=true"], ["algo=loha", "conv_dim=2", "use_tucker=true"]])
 def test_sdxl_smoke_train(tiny_sdxl, tmp_path, args, capsys):
     rc = smoke_train.main(["--sdxl", "--model", tiny_sdxl, "--steps", "3", "--output_dir", str(tmp_path),

@@ -142,6 +142,10 @@ def test_every_subcommand_has_help(capsys):
             cli.main([cmd, "--help"])
         assert e.value.code == 0
         assert f"lycoris-kohya {cmd}" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # a CLI in a subprocess
+def test_python_dash_m_lists_the_subcommands():
     import subprocess
     import sys
 
