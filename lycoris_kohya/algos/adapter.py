@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import paths
+from . import foreign, paths
 from .algorithm import Algorithm
 from .dora import DoRA
 from .fold import folded_forward
@@ -78,7 +78,8 @@ class Adapter(LayerHook):
         self.bypass = bypass
         self.dora = DoRA(dora_axis, dora_detach_norm) if dora_axis is not None else None
         if self.dora is not None:
-            self.dora_scale = nn.Parameter(self.dora.magnitude(layer.weight))
+            # ||W0|| of the weight the layer's forward uses (dequantised for a --fp8_scaled layer)
+            self.dora_scale = nn.Parameter(self.dora.magnitude(foreign.stored_weight(layer)))
         self._cost_cache: Optional[Tuple[int, int]] = None
 
         self.layout = layout if layout is not None else algorithm.plan(g, rank, **options)
@@ -167,11 +168,19 @@ class Adapter(LayerHook):
         return t
 
     def merged_weight(self, multiplier: Optional[float] = None, base: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The weight the layer behaves as over ``base`` (default: the weight below), in fp32."""
+        """The weight the layer behaves as over ``base`` (default: the weight below), in fp32.
+        A quantised layer's stored fp8 tensor is not a weight: passed as ``base`` (merge_to,
+        merge_into_layer), an error, rather than a merged weight written back into the fp8 tensor."""
         m = self.multiplier if multiplier is None else multiplier
         if base is None:
             base = self.weight_below()
-            base = self.layer.weight if base is None else base
+            base = foreign.stored_weight(self.layer) if base is None else base
+        elif foreign.is_quantised(base) and foreign.is_fp8_scaled(self.layer):
+            raise ValueError(
+                f"{self.lora_name}: cannot merge into this layer: its weight is stored quantised ({base.dtype} "
+                f"with a scale_weight, musubi-tuner's --fp8_scaled), and a merged weight written into the fp8 "
+                f"tensor would be read times the scale. Merge into the unquantised model (load it without "
+                f"--fp8_scaled), or keep the network as hooks.")
         w0 = base.float()
         with no_autocast(w0.device.type):
             d = self.delta().float().to(w0.device)

@@ -14,6 +14,7 @@ from typing import Dict
 
 import torch
 
+from . import foreign
 from .algorithm import Kron, LowRank
 from .dora_norms import (INPUT, OUTPUT, axis_of, direction_factor, kron_scale, norm_dims, pair_scale,
                          scale_shape, weight_norm)
@@ -38,7 +39,8 @@ class DoRA:
       output axis
           y = below(x) + m*((s - 1) * (below(x) - bias) + s * g*dW(x))
     Over a forward below that is not a weight (an unknown hook), its output is kept as it is and
-    this adds m*(W_d - W0)x with the norm taken of the layer's stored weight W0."""
+    this adds m*(W_d - W0)x with the norm taken of the weight of the layer's own forward W0 (a
+    quantised layer's dequantised weight, never its fp8 tensor: ``foreign.stored_weight``)."""
 
     def __init__(self, axis: str, detach_norm: bool = False):
         norm_dims(2, axis)  # checks the axis
@@ -116,15 +118,15 @@ class DoRA:
         g = a.geometry
         below = a.weight_below()
         known = below is not None
-        s = self.factor(a, t, below if known else a.layer.weight)
+        w0 = below if known else foreign.stored_weight(a.layer)
+        s = self.factor(a, t, w0)
         gain = m * a.gain()
         if self.axis == INPUT:
             sx = x * g.channel_view(s, x).to(x.dtype)
             out = a.delta_out(sx, t, gain, per_sample=False)
             if not known:
                 x_rest = x * g.channel_view(s - 1, x).to(x.dtype)
-                w0 = a.layer.weight.to(x.dtype)
-                return a.base_forward(x, *args, **kwargs) + m * g.apply(x_rest, w0) + out
+                return a.base_forward(x, *args, **kwargs) + m * g.apply(x_rest, w0.to(x.dtype)) + out
             if not isinstance(m, torch.Tensor) and m == 1.0:
                 return a.base_forward(sx, *args, **kwargs) + out
             xb = x * g.channel_view(1 - m + m * s, x).to(x.dtype)
@@ -134,7 +136,7 @@ class DoRA:
             bias = a.layer.bias
             y0 = y if bias is None else y - g.channel_view(bias, y).to(y.dtype)
         else:
-            y0 = g.apply(x, a.layer.weight.to(x.dtype))
+            y0 = g.apply(x, w0.to(x.dtype))
         sv = g.channel_view(s, y).to(y.dtype)
         return y + m * ((sv - 1) * y0) + sv * a.delta_out(x, t, gain, per_sample=False)
 

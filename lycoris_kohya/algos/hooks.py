@@ -42,7 +42,9 @@ class LayerHook(nn.Module):
         layer = self.layer
         self._had_own_forward = "forward" in layer.__dict__
         self._org_forward = layer.forward
-        self._plain = not self._had_own_forward and type(layer).forward in PLAIN_FORWARDS
+        # a quantised layer (musubi's --fp8_scaled) is never plain: its weight is not the stored tensor
+        self._plain = (not self._had_own_forward and type(layer).forward in PLAIN_FORWARDS
+                       and not foreign.is_fp8_scaled(layer))
         layer.forward = self.forward
 
     def remove(self) -> None:
@@ -67,8 +69,11 @@ class LayerHook(nn.Module):
         return type(self.layer).forward(self.layer, x, *args, **kwargs)
 
     def weight_below(self) -> Optional[torch.Tensor]:
-        """The weight the forward below behaves as (see ``weight_of``); None when unknown."""
-        if self._plain or self._org_forward is None:
+        """The weight the forward below behaves as (see ``weight_of``); None when unknown. Not
+        installed: the weight of the layer's own forward (``foreign.stored_weight``)."""
+        if self._org_forward is None:
+            return foreign.stored_weight(self.layer)
+        if self._plain:
             return self.layer.weight
         return weight_of(self._org_forward, self.layer)
 
@@ -80,10 +85,14 @@ class LayerHook(nn.Module):
 def weight_of(forward: Callable, layer: nn.Module) -> Optional[torch.Tensor]:
     """The weight a layer's forward behaves as, walking down the chain of hooks installed on it:
     the layer's own weight, plus what every hook of ours and every recognised foreign module
-    below adds (detached, fp32). None when some hook below is not a weight-space change."""
+    below adds (detached, fp32). None when some hook below is not a weight-space change.
+    The layer's own forward replaced on the instance is known only for a quantised layer (musubi's
+    --fp8_scaled): the dequantised weight, read now, never the stored fp8 tensor."""
     owner, func = getattr(forward, "__self__", None), getattr(forward, "__func__", None)
-    if owner is layer and func in PLAIN_FORWARDS:
-        return layer.weight.detach()
+    if owner is layer:
+        if func in PLAIN_FORWARDS:
+            return layer.weight.detach()
+        return foreign.dequantised(layer) if foreign.is_fp8_scaled(layer) else None
     if isinstance(owner, LayerHook) and owner.layer is layer:
         return owner.effective_weight()
     below_forward = foreign.forward_below(owner)
