@@ -11,18 +11,21 @@ import lycoris_kohya
 from conftest import randomize
 from test_algorithms import ToyUNet
 
-CASES = [
-    ("locon", {}), ("locon", {"use_tucker": "true"}), ("loha", {}), ("lokr", {}), ("lokr", {"use_tucker": "true"}),
-    ("locon", {"dora_wd": "true"}), ("lokr", {"dora_wd": "true"}), ("lokr", {"dora_wd": "true", "wd_on_output": "true"}),
+# compiling costs seconds per case: two in the fast core, the rest in the slow set (CI runs both)
+FAST = [("locon", {}), ("lokr", {"dora_wd": "true"})]
+CASES = FAST + [pytest.param(*c, marks=pytest.mark.slow) for c in [
+    ("locon", {"use_tucker": "true"}), ("loha", {}), ("lokr", {}), ("lokr", {"use_tucker": "true"}),
+    ("locon", {"dora_wd": "true"}), ("lokr", {"dora_wd": "true", "wd_on_output": "true"}),
     ("loha", {"dora_wd": "true"}),
     ("locon", {"forward_path": "fold"}), ("lokr", {"forward_path": "fold", "dora_wd": "true"}),
-]
+]]
 # one adapted layer per compiled call: eager code skips the draws of a module that module_dropout
 # drops, compiled code makes them and multiplies by 0, so after a dropped module the streams of two
 # layers in one graph part (both are right; only a single layer's numbers can be compared)
 DROPOUT_CASES = [
-    ("loha", {"rank_dropout": "0.3", "module_dropout": "0.5", "dropout": "0.1"}, "lin"),
-    ("locon", {"module_dropout": "0.5"}, "conv"),
+    pytest.param("loha", {"rank_dropout": "0.3", "module_dropout": "0.5", "dropout": "0.1"}, "lin",
+                 marks=pytest.mark.slow),
+    pytest.param("locon", {"module_dropout": "0.5"}, "conv", marks=pytest.mark.slow),
     ("lokr", {"dora_wd": "true", "rank_dropout": "0.4", "module_dropout": "0.5"}, "lin"),
 ]
 

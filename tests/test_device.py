@@ -1,10 +1,11 @@
 """The accelerator set (``-m cuda``): what only a GPU run shows, runnable on the CPU too so that the
 device check (scripts/gpu_check.sh) is debugged before a GPU is lent. The device is
-LYCORIS_TEST_DEVICE (default cuda; the set skips when that is cuda and none is present).
+LYCORIS_TEST_DEVICE (default: cuda where there is one, else cpu; asked for cuda without one, it skips).
 
 Each test compares the device run with the same network evaluated in fp32 on the CPU: what is under
 test is device and dtype handling (moves after creation, autocast, bf16 training, fp8 bases,
-torch.compile); the math itself is tested against closed forms elsewhere."""
+torch.compile); the math itself is tested against closed forms elsewhere. Without CUDA (and without
+LYCORIS_TEST_DEVICE) the set runs on the CPU, so the fast core covers the CPU side of each case."""
 import os
 
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 
 from lycoris_kohya.algos import ALGORITHMS, Adapter
 
-DEVICE = os.environ.get("LYCORIS_TEST_DEVICE", "cuda")
+DEVICE = os.environ.get("LYCORIS_TEST_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs CUDA")]
 

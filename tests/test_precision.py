@@ -196,9 +196,16 @@ def step(algo, axis, mode, path="auto"):
     return results
 
 
+_FP32_STEPS = {}  # (algo, axis, path) -> the fp32 step every mode is compared with (read only)
+
+
 def measure(algo, axis, mode, path="auto", fp32_results=None):
     res = step(algo, axis, mode, path)
-    fp32_results = fp32_results or step(algo, axis, "fp32", path)
+    if fp32_results is None:
+        key = (algo, axis, path)
+        if key not in _FP32_STEPS:
+            _FP32_STEPS[key] = step(algo, axis, "fp32", path)
+        fp32_results = _FP32_STEPS[key]
     out = {"delta": 0.0, "grad": 0.0, "step": 0.0}
     for name, r in res.items():
         out["delta"] = max(out["delta"], rel(r["y"].double() - r["want_base"], r["want"] - r["want_base"]))
@@ -219,6 +226,9 @@ def case_id(c):
 @pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_one_training_step(case, mode, path):
+    """One step in each precision mode, every algorithm and DoRA axis (among them the LoKr+DoRA mixes
+    another trainer crashed on: a bf16 network on an fp32 base, an fp32 network on a bf16 base,
+    autocast): right dtypes, finite, and within the measured bounds of the fp32 step."""
     algo, axis = case
     if mode == "autocast_fp16" and not _cpu_fp16_autocast():
         pytest.skip("this torch has no fp16 autocast on CPU")
@@ -253,18 +263,6 @@ def test_lokr_bf16_forward_is_the_fp32_forward(mode):
         assert rel(r["y"], fp32[name]["y"]) < tol(mode, "lokr", "step")
         share = rel(r["y"].double() - r["want_base"], fp32[name]["y"].double() - fp32[name]["want_base"])
         assert share < BROKEN / 10, (name, share)  # includes bf16 rounding of W0 and x; far below 1.41
-
-
-@pytest.mark.parametrize("axis", ["input", "output"])
-@pytest.mark.parametrize("mode", ["base_fp32_net_bf16", "base_bf16_net_fp32", "autocast_bf16",
-                                  "autocast_bf16_fp32_base", "full_bf16"])
-@pytest.mark.parametrize("path", PATHS)
-def test_lokr_dora_mixed_dtypes_run(mode, axis, path):
-    """The crashes another trainer had with LoKr+DoRA: a bf16 network on an fp32 base, an fp32
-    network on a bf16 base, autocast; each runs forward and backward and stays close to fp32."""
-    got, _ = measure("lokr", axis, mode, path)
-    for metric in METRICS:
-        assert got[metric] <= tol(mode, "lokr", metric), (metric, got)
 
 
 # ----- norms and magnitudes in fp32 -----------------------------------------------------------------
