@@ -4,6 +4,7 @@ kohya-ss/musubi-tuner (``create_arch_network``, ``create_arch_network_from_weigh
 ``lycoris.kohya``) in either trainer."""
 from __future__ import annotations
 
+import functools
 import logging
 
 from . import specs as sp
@@ -35,6 +36,20 @@ def create_network(multiplier, network_dim=None, network_alpha=None, vae=None, t
         return _create(multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout, kwargs)
 
 
+def _said_in_one_line(fn):
+    """A configuration error is logged as one line the user can act on (the trainer's traceback that
+    follows ends with the same line)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            logger.error(f"lycoris_kohya: configuration error: {' '.join(str(e).split())}")
+            raise
+    return wrapper
+
+
+@_said_in_one_line
 def _create(multiplier, network_dim, network_alpha, text_encoder, unet, neuron_dropout, kwargs):
     misplaced = [k for k in ("vae", "text_encoder", "unet") if k in kwargs]
     if misplaced:
@@ -69,6 +84,7 @@ def create_network_from_weights(multiplier, file, vae, text_encoder, unet, weigh
         return _from_weights(LycorisNetwork, multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs)
 
 
+@_said_in_one_line
 def _from_weights(cls, multiplier, file, text_encoder, unet, weights_sd, for_inference, kwargs):
     if weights_sd is None:
         weights_sd = wio.load_state_dict(file)

@@ -129,3 +129,10 @@ def test_smoke_train_checks_what_the_preset_adapts(preset, tmp_path):
     out = r.stdout + r.stderr
     assert r.returncode == 0 and "smoke train passed" in out, out[-3000:]
     assert "text encoder not trained (the preset adapts no text encoder layer)" in out
+
+
+def test_a_configuration_error_is_logged_as_one_line(caplog):
+    with caplog.at_level(logging.ERROR, logger="lycoris_kohya"):
+        msg = errors_of(0, 1)
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert lines == [f"lycoris_kohya: configuration error: {msg}"] and "\n" not in lines[0]
