@@ -230,6 +230,39 @@ def test_networks_stacked_over_an_fp8_scaled_layer(second):
     check_step(layer, b, w_first, inputs(), gtol=5e-5)
 
 
+class InputHook(nn.Module):
+    """A hook that is not a weight change (ControlNet-LLLite-like: it shifts the input, then calls
+    the forward below it), installed over the fp8 forward."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.cond = torch.randn(layer.in_features, generator=torch.Generator().manual_seed(3))
+        self.org_forward = layer.forward
+        layer.forward = self.forward
+
+    def forward(self, x):
+        return self.org_forward(x + self.cond)
+
+
+@pytest.mark.parametrize("algo,axis", [("locon", None), ("locon", "input"), ("loha", "output"), ("lokr", "input")])
+def test_over_an_unknown_hook_over_an_fp8_scaled_layer(algo, axis):
+    """The hook's output is kept; the adapter adds m*(W - W0)x with W0 the dequantised weight."""
+    layer = fp8_scaled_layer("block")
+    hook = InputHook(layer)
+    w0 = deq(layer)
+    a = make_adapter(layer, algo, axis)
+    a.train()
+    assert a.weight_below() is None
+    x = inputs().requires_grad_(True)
+    params = [p for p in a.parameters() if p.requires_grad]
+    y = layer(x)
+    want = F.linear(x + hook.cond, w0, layer.bias) + F.linear(x, reference_weight(a, w0) - w0)
+    close(y, want, 2e-5, "output")
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(11))
+    for i, (g, r) in enumerate(zip(torch.autograd.grad(y, [x, *params], gy), torch.autograd.grad(want, [x, *params], gy))):
+        close(g, r, 2e-5, f"grad {i}")
+
+
 def test_merging_into_an_fp8_scaled_layer_is_refused():
     layer = fp8_scaled_layer("block")
     stored, scale = fp8_bits(layer.weight), layer.scale_weight.clone()
@@ -305,9 +338,11 @@ def test_fp8_base_under_bf16_autocast(axis, algo, path):
     close(a.merged_weight(), reference_weight(a, w0).detach(), 1e-6, "merged weight")
     assert a.merged_weight().dtype == torch.float32
     a.train()
+    # bf16 rounding measures at most 6e-3 of the largest output here; a merged weight rounded to fp8
+    # (the base's dtype) before the op measures 1.3e-2 and more
     for x in (inputs(), inputs().bfloat16()):
         with torch.autocast("cpu", torch.bfloat16):
-            check_step(layer, a, w0, x, tol=3e-2, gtol=5e-2)
+            check_step(layer, a, w0, x, tol=1e-2, gtol=5e-2)
 
 
 @pytest.mark.parametrize("axis", AXES)

@@ -68,10 +68,12 @@ def is_fp8_scaled(layer: object) -> bool:
 
 
 def dequantised(layer) -> torch.Tensor:
-    """The weight a ``--fp8_scaled`` layer's forward computes, detached, fp32: ``weight`` in the
-    scale's dtype times ``scale_weight``, exactly as the patched forward rounds it (block-wise
-    through the ``[out, blocks, in/blocks]`` view). Read at every call: block swap replaces
-    ``weight.data`` between calls, the scale (a buffer) stays."""
+    """The weight a ``--fp8_scaled`` layer's forward computes, detached: ``weight`` in the scale's
+    dtype times ``scale_weight``, exactly as the patched forward rounds it (block-wise through the
+    ``[out, blocks, in/blocks]`` view), and in that dtype (the compute dtype: bf16 in musubi's usual
+    runs), not fp32: DoRA's norms save it for backward, at half the memory; every reader upcasts.
+    Read at every call, never cached: block swap replaces ``weight.data`` between calls (the scale,
+    a buffer, stays), and the storage a block leaves is refilled with another block's weight."""
     w, s = layer.weight.detach(), scale_of(layer).detach()
     s = s.to(w.device)
     name = type(layer).__name__
@@ -87,12 +89,12 @@ def dequantised(layer) -> torch.Tensor:
             raise ValueError(f"{name} with weight {list(w.shape)}: block-wise scale_weight of shape "
                              f"{list(s.shape)} is not [out, blocks, 1] with blocks dividing in")
         d = (w.to(s.dtype).contiguous().view(out, blocks, -1) * s).view(w.shape)
-    return d.float()
+    return d
 
 
 def stored_weight(layer) -> torch.Tensor:
     """The weight a layer's own forward (below every hook) behaves as: the dequantised weight of a
-    ``--fp8_scaled`` layer (fp32, detached), else ``layer.weight`` itself (plain ``--fp8_base``
+    ``--fp8_scaled`` layer (``dequantised``), else ``layer.weight`` itself (plain ``--fp8_base``
     included: its fp8 values are the weight)."""
     if is_fp8_scaled(layer):
         return dequantised(layer)

@@ -87,7 +87,8 @@ def weight_of(forward: Callable, layer: nn.Module) -> Optional[torch.Tensor]:
     the layer's own weight, plus what every hook of ours and every recognised foreign module
     below adds (detached, fp32). None when some hook below is not a weight-space change.
     The layer's own forward replaced on the instance is known only for a quantised layer (musubi's
-    --fp8_scaled): the dequantised weight, read now, never the stored fp8 tensor."""
+    --fp8_scaled): the dequantised weight, read now, never the stored fp8 tensor (in the compute
+    dtype, see ``foreign.dequantised``)."""
     owner, func = getattr(forward, "__self__", None), getattr(forward, "__func__", None)
     if owner is layer:
         if func in PLAIN_FORWARDS:
