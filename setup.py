@@ -15,8 +15,9 @@ setup(
     package_data={"lycoris_kohya": ["preset_files/*.toml"]},
     python_requires=">=3.10",
     # what the package imports, loose on purpose: it is installed into users' kohya environments, where
-    # installing it must change nothing (toml reads preset files; tqdm, matplotlib are used when present)
-    install_requires=["torch>=2.1", "safetensors", "toml"],
+    # installing it must change nothing (toml reads preset files; numpy is what safetensors.torch.save
+    # writes through, it does not require it itself; tqdm, matplotlib are used when present)
+    install_requires=["torch>=2.1", "safetensors", "numpy", "toml"],
     extras_require={
         # the diffusers pipeline API (lycoris_kohya.pipeline) works on the user's diffusers pipelines
         "pipeline": ["diffusers", "transformers"],
