@@ -15,7 +15,7 @@ from . import presets
 from . import targets as tg
 from . import weights as wio
 from ._version import __version__
-from .algos import ALGORITHMS, Adapter
+from .algos import ALGORITHMS, Adapter, foreign
 from .algos.geometry import storable_alpha
 from .config import ConfigError, NetworkConfig, validate
 from .param_groups import param_groups
@@ -422,6 +422,13 @@ class LycorisNetwork(nn.Module):
             adapters += self.text_encoder_loras
         if any(k.startswith(tg.UNET_PREFIX) for k in keys):
             adapters += self.unet_loras
+        scaled = [a.lora_name for a in adapters if foreign.is_fp8_scaled(a.layer)]
+        if scaled:  # checked before any layer is written: a merge is whole or not at all
+            raise ValueError(
+                f"cannot merge into this model: {len(scaled)} of its adapted layers (e.g. {scaled[0]}) are stored "
+                "quantised with a scale_weight (musubi-tuner's --fp8_scaled), and a merged weight written into "
+                "the fp8 tensor would be read times the scale; merge into the unquantised model (load it "
+                "without --fp8_scaled), or keep the network as hooks. Nothing was merged.")
         for a in adapters:
             w = a.layer.weight
             on = w.device if device is None else torch.device(device)

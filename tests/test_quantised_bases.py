@@ -456,3 +456,30 @@ def test_block_swap_between_forward_and_backward(kind, algo, axis, path):
     ref = torch.autograd.grad(want, [x, *params], gy)
     for i, (g, r) in enumerate(zip(got, ref)):
         close(g, r, 2e-5, f"grad {i}")
+
+
+def test_a_merge_into_a_partly_quantised_model_writes_nothing():
+    """Only some adapted layers quantised (the first block's kept in full precision): merge_to
+    refuses before it writes any layer, so the model is never left half merged."""
+    torch.manual_seed(0)
+    model = ml.build("wan")
+    net = lycoris_kohya.create_arch_network(1.0, 4, 2.0, None, None, model, algo="locon")
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    target = ml.build("wan")
+    linears = [(n, m) for n, m in target.named_modules() if isinstance(m, nn.Linear)]
+    for n, m in linears:
+        if not n.startswith("blocks.0."):
+            m.requires_grad_(False)
+            fp8_scaled(m, "channel", block=4)
+    assert any(n.startswith("blocks.0.") for n, _ in linears)
+    before = {n: m.weight.detach().clone() for n, m in linears}
+    merger = lycoris_kohya.create_arch_network_from_weights(1.0, sd, unet=target, for_inference=True)
+    with pytest.raises(ValueError, match="Nothing was merged"):
+        merger.merge_to(None, target, sd, torch.float32, "cpu")
+    for n, m in linears:
+        assert torch.equal(fp8_bits(m.weight) if m.weight.dtype == FP8 else m.weight, fp8_bits(before[n])
+                           if before[n].dtype == FP8 else before[n]), n
