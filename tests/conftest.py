@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.join(ROOT, "scripts"))
 def _one_intra_op_thread():
     """Every tensor here is tiny: one intra-op thread is as fast on an idle machine, and on a shared
     one (2 cores, other jobs) OpenMP's spinning threads made the suite ~2.5x slower (single
-    calls 40x). Tests of the multi-thread code (torch_ops.weight_mm's split) set their own count.
+    calls 40x).
     LYCORIS_TEST_THREADS=N runs with N threads (0: torch's default)."""
     n = torch.get_num_threads()
     want = int(os.environ.get("LYCORIS_TEST_THREADS", "1"))

@@ -14,7 +14,6 @@ from typing import Sequence, Tuple
 
 import torch
 
-from .torch_ops import weight_mm
 
 INPUT = "input"
 OUTPUT = "output"
@@ -75,7 +74,7 @@ def _pair_terms(p: torch.Tensor, q: torch.Tensor, w: torch.Tensor, gain) -> Tupl
     [rows, cols], ||W_j + g*dW_j||^2 - ||W_j||^2 = sum_R (Z * Q)[:, j] per column j (gain: a number,
     or a tensor with use_scalar)."""
     pq = (p @ p.T) @ q
-    pw = weight_mm(p, w.to(p.dtype))  # the factors' precision (fp32 in training); W itself may be half
+    pw = p @ w.to(p.dtype)  # the factors' precision (fp32 in training); W itself may be half
     return 2 * gain * pw + gain * gain * pq, pq
 
 
@@ -108,7 +107,7 @@ class _PairScale(torch.autograd.Function):
         cq = q * cols
         # d/dQ of sum_j c_j (Z*Q)_j = c * (2gPW + 2g^2 PP^T Q); d/dP = 2g (cQ) W^T + 2g^2 (cQ Q^T) P
         grad_q = torch.add(z, pq, alpha=g * g).mul_(cols)
-        grad_p = weight_mm(cq, w.to(p.dtype).T).mul_(2 * g).add_((cq @ q.T) @ p, alpha=2 * g * g)
+        grad_p = (cq @ w.to(p.dtype).T).mul_(2 * g).add_((cq @ q.T) @ p, alpha=2 * g * g)
         grad_w = (2 * g * (p.T @ cq)).to(w.dtype) if ctx.needs_input_grad[2] else None
         grad_w_sq = c if ctx.needs_input_grad[3] else None
         return grad_p, grad_q, grad_w, grad_w_sq, grad_s / n, None
