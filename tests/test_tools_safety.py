@@ -20,9 +20,9 @@ from lycoris_kohya.tools import cli
 from lycoris_kohya.weights import load_metadata, save_weights
 
 import tiny_models as tm
-from oracle import reference_delta
 from test_algorithms import build
 from test_metadata import modules_in_file
+from test_tools_resize import deltas
 from tools_helpers import (_one_thread, layer_paths, network, save, sd1_models, sd1_single,  # noqa: F401
                            sdscripts_sdxl_names, write_single)
 
@@ -38,16 +38,6 @@ def run_json(capsys, *argv):
     rc, out, err = run(capsys, *argv, "--json")
     assert rc == 0, err
     return json.loads(out)
-
-
-def deltas(path, shapes):
-    """g*dW of every module of a file, from the closed forms (oracle.reference_delta)."""
-    sd = load_file(str(path))
-    out = {}
-    for n in {k.split(".")[0] for k in sd}:
-        g, dw = reference_delta(sd, n, shapes[n])
-        out[n] = g * dw
-    return out
 
 
 def truncation_error(d, rank):

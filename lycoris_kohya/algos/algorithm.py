@@ -87,8 +87,9 @@ class Algorithm:
         return None
 
     # layout
-    def plan(self, g: LayerGeometry, rank: int, **options) -> Layout:
-        raise NotImplementedError
+    def plan(self, g: LayerGeometry, rank: int, use_tucker: bool = False, **_) -> Layout:
+        """The layout a new adapter gets: the rank, and Tucker where asked and the layer is a kxk conv."""
+        return Layout(rank, bool(use_tucker and g.is_kxk))
 
     def init(self, layout: Layout, g: LayerGeometry, use_scalar: bool) -> Tuple[Dict[str, torch.Tensor], str]:
         """(fresh tensors in creation order, the one that starts at zero so that dW = 0; with

@@ -28,10 +28,7 @@ class LoCon(Algorithm):
     suffixes = (DOWN, UP, MID)
     plus = (UP,)
 
-    # ----- layout ----------------------------------------------------------------------------
-    def plan(self, g: LayerGeometry, rank: int, use_tucker: bool = False, **_) -> Layout:
-        return Layout(rank, bool(use_tucker and g.is_kxk))
-
+    # ----- layout (plan: the Algorithm default) ---------------------------------------------
     def init(self, layout: Layout, g: LayerGeometry, use_scalar: bool) -> Tuple[Dict[str, torch.Tensor], str]:
         r = layout.rank
         t: Dict[str, torch.Tensor] = {}

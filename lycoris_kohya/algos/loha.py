@@ -55,10 +55,7 @@ class LoHa(Algorithm):
     suffixes = (W1A, W1B, W2A, W2B, T1, T2)
     plus = (W1A, W2A)
 
-    # ----- layout ----------------------------------------------------------------------------
-    def plan(self, g: LayerGeometry, rank: int, use_tucker: bool = False, **_) -> Layout:
-        return Layout(rank, bool(use_tucker and g.is_kxk))
-
+    # ----- layout (plan: the Algorithm default) ---------------------------------------------
     def init(self, layout: Layout, g: LayerGeometry, use_scalar: bool) -> Tuple[Dict[str, torch.Tensor], str]:
         """LyCORIS' initialisation: hada_w2_a starts at zero (or the scalar does)."""
         r = layout.rank

@@ -418,3 +418,16 @@ def summary_lines(s: Mapping[str, object], zero_how: str) -> List[str]:
         lines.append(f"{len(zero)} modules are exactly zero (g*dW = 0, layers the training never changed, e.g. "
                      f"{zero[0]}): {zero_how}")
     return lines
+
+
+def over_base(path: str, name: str, m: sp.StoredModule, ckpt, base: str):
+    """(the module checked against its layer in the base checkpoint, that layer's weight); errors
+    name the file, the module and the base."""
+    target = ckpt.resolve(name)
+    if target is None:
+        raise ToolError(f"{path}: module {name} has no layer in {base}")
+    w0 = ckpt.weight(target)
+    try:
+        return m.fit(w0.shape), w0
+    except ValueError as e:
+        raise ToolError(f"{path}: {e} (the layer in {base} is {list(w0.shape)})") from None

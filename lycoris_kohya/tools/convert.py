@@ -13,7 +13,7 @@ from ..algos import dora as dora_math
 from ..algos import locon, lokr
 from . import lowrank
 from .checkpoint import Checkpoint, dtype_name, parse_dtype
-from .common import (ToolError, UsageError, check_input, check_output, check_rank, module_tensors, progress,
+from .common import (ToolError, UsageError, check_input, check_output, check_rank, module_tensors, over_base, progress,
                      read_adapter, save_adapter, short, summary, tool_metadata, true_rank, written)
 
 TARGETS = ("comfyui", "a1111", "diffusers", "all")
@@ -135,14 +135,7 @@ def convert(path: str, target: str, out: str, base: Optional[str] = None, allow_
     for name, m in progress(sorted(modules.items()), f"convert for {target}"):
         w0 = None
         if ckpt is not None:
-            t = ckpt.resolve(name)
-            if t is None:
-                raise ToolError(f"{path}: module {name} has no layer in {base}")
-            w0 = ckpt.weight(t)
-            try:
-                m = m.fit(w0.shape)
-            except ValueError as e:
-                raise ToolError(f"{path}: {e} (the layer in {base} is {list(w0.shape)})") from None
+            m, w0 = over_base(path, name, m, ckpt, base)
         if m.weight_shape is not None:
             shapes[name] = m.weight_shape
         try:

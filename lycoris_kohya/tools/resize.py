@@ -11,7 +11,7 @@ import torch
 from .. import specs as sp
 from . import lowrank
 from .checkpoint import Checkpoint, dtype_name, parse_dtype
-from .common import (ToolError, UsageError, check_input, check_output, check_rank, module_tensors, progress,
+from .common import (ToolError, UsageError, check_input, check_output, check_rank, module_tensors, over_base, progress,
                      read_adapter, save_adapter, short, summary, summary_lines, tool_metadata, true_rank, written)
 
 HELP = "any file (LoCon, LoHa, LoKr, DoRA) to a LoCon of rank <= R by truncated SVD"
@@ -80,14 +80,7 @@ def resize(path: str, rank: int, out: str, dynamic=None, base: Optional[str] = N
     for name, m in progress(sorted(modules.items()), "resize"):
         w0 = None
         if ckpt is not None:
-            target = ckpt.resolve(name)
-            if target is None:
-                raise ToolError(f"{path}: module {name} has no layer in {base}")
-            w0 = ckpt.weight(target)
-            try:
-                m = m.fit(w0.shape)
-            except ValueError as e:
-                raise ToolError(f"{path}: {e} (the layer in {base} is {list(w0.shape)})") from None
+            m, w0 = over_base(path, name, m, ckpt, base)
         if m.weight_shape is not None:
             shapes[name] = m.weight_shape
         out_dtype = dtype or next(iter(m.factors.values())).dtype
