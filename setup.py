@@ -23,7 +23,7 @@ setup(
         "pipeline": ["diffusers", "transformers"],
         "plot": ["matplotlib"],
         # scripts/ (tiny checkpoints, smoke trains, benchmarks) and the tests
-        "test": ["pytest", "peft", "matplotlib", "diffusers", "transformers", "accelerate", "tqdm"],
+        "test": ["pytest", "pytest-xdist", "peft", "matplotlib", "diffusers", "transformers", "accelerate", "tqdm"],
     },
     entry_points={"console_scripts": ["lycoris-kohya=lycoris_kohya.tools.cli:main"]},
     license="Apache-2.0",

@@ -24,18 +24,31 @@ def _one_intra_op_thread():
     torch.set_num_threads(n)
 
 
+def built_once(tmp_path_factory, name, build):
+    """build(folder) run once per test run, its folder shared by pytest-xdist's workers (under a
+    lock beside pytest's temporary root; the builders skip a folder that is already complete)."""
+    from filelock import FileLock  # torch's own dependency
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the workers' roots are siblings
+    folder = str(root / name)
+    with FileLock(folder + ".lock"):
+        return build(folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     from make_tiny_sd import build_tiny_sd
 
-    return build_tiny_sd(str(tmp_path_factory.mktemp("tiny-sd")))
+    return built_once(tmp_path_factory, "tiny-sd", build_tiny_sd)
 
 
 @pytest.fixture(scope="session")
 def tiny_sdxl(tmp_path_factory):
     from make_tiny_sd import build_tiny_sdxl
 
-    return build_tiny_sdxl(str(tmp_path_factory.mktemp("tiny-sdxl")))
+    return built_once(tmp_path_factory, "tiny-sdxl", build_tiny_sdxl)
 
 
 @pytest.fixture

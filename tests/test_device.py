@@ -128,7 +128,12 @@ def test_fp8_base(algo, axis, path):
     close(out, want, 3e-2)
 
 
-@pytest.mark.parametrize("algo,axis", [("locon", None), ("lokr", "input")])
+# on the CPU, tests/test_compile.py already compiles these steps in the fast core: here they join the slow set
+SLOW_ON_CPU = [pytest.mark.slow] if DEVICE == "cpu" else []
+
+
+@pytest.mark.parametrize("algo,axis", [pytest.param("locon", None, marks=SLOW_ON_CPU),
+                                       pytest.param("lokr", "input", marks=SLOW_ON_CPU)])
 def test_compiled_step(algo, axis):
     want = reference(algo, axis)
     block, net = adapted(algo, axis)

@@ -154,8 +154,10 @@ def test_lowrank_fits_of_a_zero_difference_are_finite():
 
 
 # ----- 2. outputs --------------------------------------------------------------------------------
-@pytest.fixture
-def files(tiny_sd, sd1_single, tmp_path):
+@pytest.fixture(scope="module")
+def files(tiny_sd, sd1_single, tmp_path_factory):
+    """Inputs the tools read (built once: each test asserts they are left as they were)."""
+    tmp_path = tmp_path_factory.mktemp("inputs")
     te, unet = sd1_models(tiny_sd)
     src = save(network(te, unet, algo="locon"), tmp_path / "a.safetensors")
     sd = load_file(sd1_single)
@@ -218,6 +220,7 @@ def test_an_input_is_never_the_output(files, tmp_path, capsys, tool, how):
     assert rc == 2 and "is the input" in err and "even with --force" in err, err
     assert open(src, "rb").read() == before
     _no_temporary_files(tmp_path)
+    _no_temporary_files(os.path.dirname(src))
 
 
 @pytest.mark.parametrize("tool", list(TOOLS))
