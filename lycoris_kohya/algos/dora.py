@@ -17,7 +17,7 @@ import torch
 from . import foreign
 from .algorithm import Kron, LowRank
 from .dora_norms import (INPUT, OUTPUT, axis_of, direction_factor, kron_scale, norm_dims, pair_scale,
-                         scale_shape, weight_norm)
+                         scale_shape, weight_norm, weight_sq)
 from .torch_ops import is_compiling, no_autocast
 
 
@@ -74,7 +74,7 @@ class DoRA:
         ``.data`` (``weight.data.add_``), a block-swap buffer reused for another block's weight, or a
         merge by another tool bumps no version counter a cache could key on, and one read of W0 costs
         little next to the norms' products with it."""
-        return weight_norm(w.detach() if not w.requires_grad else w, self.axis).pow(2).flatten()
+        return weight_sq(w.detach() if not w.requires_grad else w, self.axis).flatten()
 
     def factor(self, a, t: Dict[str, torch.Tensor], base: torch.Tensor) -> torch.Tensor:
         """s = dora_scale / ||base + g*dW|| per input column or output row, flat, fp32: from the

@@ -27,9 +27,30 @@ def norm_dims(ndim: int, axis: str) -> tuple:
     raise ValueError(f"unknown DoRA axis {axis!r}; expected {INPUT!r} or {OUTPUT!r}")
 
 
+_CPU_BLOCK = 1 << 20  # elements per block of rows summed at a time on the CPU (4 MiB in fp32)
+
+
+def weight_sq(w: torch.Tensor, axis: str) -> torch.Tensor:
+    """||w||^2 on the axis, keepdim, in fp32; shaped as
+    ``dora_scale`` is stored. On the CPU the input axis (a sum down every column) is taken over
+    blocks of rows: vector_norm over dim 0 there ran 5-8x slower than over the rows (2.4 ms against
+    0.3-0.4 ms for a 1280x1280 weight, 25 ms against 8 ms for 1280x11520)."""
+    dims = norm_dims(w.dim(), axis)
+    if axis == OUTPUT or w.device.type != "cpu" or w.shape[0] == 1:
+        return torch.linalg.vector_norm(w.float(), dim=dims, keepdim=True).square()
+    flat = w.flatten(1)
+    rows = max(1, _CPU_BLOCK // flat.shape[1])
+    cols = sum(b.float().square().sum(0) for b in flat.split(rows))
+    shape = scale_shape(w.shape, INPUT)
+    return cols.reshape(w.shape[1], -1).sum(1).reshape(shape)
+
+
 def weight_norm(w: torch.Tensor, axis: str) -> torch.Tensor:
-    """||w|| on the axis, keepdim, computed in fp32; shaped as ``dora_scale`` is stored."""
-    return torch.linalg.vector_norm(w.float(), dim=norm_dims(w.dim(), axis), keepdim=True)
+    """||w|| on the axis, keepdim, computed in fp32; shaped as ``dora_scale`` is stored. With a
+    gradient, vector_norm's (its subgradient at a zero column is 0, sqrt's would be inf)."""
+    if w.requires_grad and torch.is_grad_enabled():
+        return torch.linalg.vector_norm(w.float(), dim=norm_dims(w.dim(), axis), keepdim=True)
+    return weight_sq(w, axis).sqrt()
 
 
 def scale_shape(weight_shape: Sequence[int], axis: str) -> tuple:
