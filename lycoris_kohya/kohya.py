@@ -67,9 +67,9 @@ def _warn_overridden(file, kwargs, config, algos, axes) -> None:
     if "algo" in kwargs and [config.algo] != algos:
         logger.warning(f"lycoris_kohya: network_arg algo={kwargs['algo']} is not used: {where} holds "
                        f"{'/'.join(algos)} modules, and the network takes its layout from the file")
-    for key in ("dora_wd", "wd_on_output"):
-        if key in kwargs and parse_bool(key, kwargs[key]) != (key == "dora_wd" and axes != ["None"]
-                                                              or key == "wd_on_output" and axes == ["output"]):
+    from_file = {"dora_wd": axes != ["None"], "wd_on_output": axes == ["output"]}
+    for key, value in from_file.items():
+        if key in kwargs and parse_bool(key, kwargs[key]) != value:
             logger.warning(f"lycoris_kohya: network_arg {key}={kwargs[key]} is not used: the DoRA layout comes from "
                            f"{where} (DoRA axis: {', '.join(a if a != 'None' else 'none' for a in axes)})")
 

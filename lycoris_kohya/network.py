@@ -424,11 +424,7 @@ class LycorisNetwork(nn.Module):
             adapters += self.unet_loras
         scaled = [a.lora_name for a in adapters if foreign.is_fp8_scaled(a.layer)]
         if scaled:  # checked before any layer is written: a merge is whole or not at all
-            raise ValueError(
-                f"cannot merge into this model: {len(scaled)} of its adapted layers (e.g. {scaled[0]}) are stored "
-                "quantised with a scale_weight (musubi-tuner's --fp8_scaled), and a merged weight written into "
-                "the fp8 tensor would be read times the scale; merge into the unquantised model (load it "
-                "without --fp8_scaled), or keep the network as hooks. Nothing was merged.")
+            raise foreign.cannot_merge_into_fp8_scaled(scaled)
         for a in adapters:
             w = a.layer.weight
             on = w.device if device is None else torch.device(device)

@@ -176,11 +176,7 @@ class Adapter(LayerHook):
             base = self.weight_below()
             base = foreign.stored_weight(self.layer) if base is None else base
         elif foreign.is_quantised(base) and foreign.is_fp8_scaled(self.layer):
-            raise ValueError(
-                f"{self.lora_name}: cannot merge into this layer: its weight is stored quantised ({base.dtype} "
-                f"with a scale_weight, musubi-tuner's --fp8_scaled), and a merged weight written into the fp8 "
-                f"tensor would be read times the scale. Merge into the unquantised model (load it without "
-                f"--fp8_scaled), or keep the network as hooks.")
+            raise foreign.cannot_merge_into_fp8_scaled([self.lora_name])
         w0 = base.float()
         with no_autocast(w0.device.type):
             d = self.delta().float().to(w0.device)

@@ -20,7 +20,7 @@ autocast: the fp8 values are the weight, read upcast.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -99,3 +99,15 @@ def stored_weight(layer) -> torch.Tensor:
     if is_fp8_scaled(layer):
         return dequantised(layer)
     return layer.weight
+
+
+def cannot_merge_into_fp8_scaled(names: Sequence[str]) -> ValueError:
+    """The error for a merge into layers stored quantised with a scale_weight (raised before any
+    layer is written)."""
+    which = (f"its adapted layer {names[0]} is" if len(names) == 1 else
+             f"{len(names)} of its adapted layers (e.g. {names[0]}) are")
+    return ValueError(
+        f"cannot merge into this model: {which} stored quantised with a scale_weight (musubi-tuner's "
+        "--fp8_scaled), and a merged weight written into the fp8 tensor would be read times the scale; merge "
+        "into the unquantised model (load it without --fp8_scaled), or keep the network as hooks. Nothing was "
+        "merged.")

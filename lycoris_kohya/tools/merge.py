@@ -13,7 +13,7 @@ from .._version import __version__
 from ..algos import locon
 from . import lowrank
 from .checkpoint import Checkpoint, dtype_name, parse_dtype
-from .common import (ToolError, UsageError, check_input, check_output, check_rank, module_tensors,
+from .common import (ToolError, UsageError, check_input, check_output, check_rank, module_tensors, over_base,
                      parse_file_multiplier, progress, read_adapter, save_adapter, short, summary, summary_lines,
                      tool_metadata, true_rank, written)
 
@@ -146,16 +146,10 @@ def combine(files: List[Tuple[str, float]], out: str, rank: Optional[int] = None
         parts = [(p, m, mods[name]) for p, m, mods in loaded if name in mods]
         w0 = None
         if ckpt is not None:
-            target = ckpt.resolve(name)
-            if target is None:
-                raise ToolError(f"{parts[0][0]}: module {name} has no layer in {base}")
-            w0 = ckpt.weight(target)
             fitted = []
             for p, m, mod in parts:
-                try:
-                    fitted.append((p, m, mod.fit(w0.shape)))
-                except ValueError as e:
-                    raise ToolError(f"{p}: {e} (the layer in {base} is {list(w0.shape)})") from None
+                mod, w0 = over_base(p, name, mod, ckpt, base)
+                fitted.append((p, m, mod))
             parts = fitted
         _same_layer(name, parts)
         shape = next((mod.weight_shape for _, _, mod in parts if mod.weight_shape is not None), None)
