@@ -381,3 +381,20 @@ def test_a_bf16_base_is_not_held_in_fp32_between_forward_and_backward(algo, axis
     w_numel = layer.weight.numel()
     assert any(n >= w_numel for _, n in saved)  # W0 itself is saved (bf16): the check sees the weight
     assert not [(d, n) for d, n in saved if d == torch.float32 and n >= w_numel], saved
+
+
+@pytest.mark.parametrize("shape", [(24, 10), (12, 5, 3, 3), (1, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_squared_norms_over_blocks_of_rows(monkeypatch, shape, dtype):
+    """The CPU's column sums over blocks of rows: blocks of 1 to all rows give ||W||^2 per column."""
+    from lycoris_kohya.algos import dora_norms
+
+    w = torch.randn(shape).to(dtype)
+    for block in (1, 20, 37, 1 << 20):
+        monkeypatch.setattr(dora_norms, "_CPU_BLOCK", block)
+        for axis, ref in (("input", column_norm), ("output", row_norm)):
+            got = dora_norms.weight_sq(w, axis)
+            want = ref(w.float()) ** 2
+            assert got.dtype == torch.float32 and got.shape == want.shape, (axis, got.shape)
+            assert torch.allclose(got, want, rtol=1e-5), (axis, block)
+            assert torch.allclose(dora_norms.weight_norm(w, axis), want.sqrt(), rtol=1e-5)
