@@ -125,3 +125,49 @@ def adapter_sd(adapter):
         sd[key] = sd[key] * adapter.scalar
     sd[f"{adapter.lora_name}.alpha"] = adapter.alpha
     return sd
+
+
+# musubi-tuner's inference merge (utils/lora_utils.py load_safetensors_with_lora_and_fp8, with
+# networks/loha.py and networks/lokr.py merge_weights_to_tensor), re-stated from reading it
+def musubi_file_type(lora_sd):
+    """detect_network_type: the first key (sorted, as safetensors lists them) naming a type."""
+    for key in sorted(lora_sd):
+        for kind, fragment in (("lora", "lora_down"), ("loha", "hada_w1_a"), ("lokr", "lokr_w1")):
+            if fragment in key:
+                return kind
+    return "lora"
+
+
+def musubi_merge(weights, lora_sd, m):
+    """(the model's weights with the file merged at multiplier m, the file's keys it did not use);
+    Linear layers (what musubi's families adapt)."""
+    kind = musubi_file_type(lora_sd)
+    unused = set(lora_sd)
+    out = {}
+    for key, w in weights.items():
+        name = "lora_unet_" + key[:-len(".weight")].replace(".", "_")
+        t = {k[len(name) + 1:]: lora_sd[k].float() for k in lora_sd if k.startswith(name + ".")}
+        used = []
+        if kind == "lora" and "lora_down.weight" in t and "lora_up.weight" in t:
+            r = t["lora_down.weight"].shape[0]
+            scale = float(t.get("alpha", r)) / r
+            w = w + m * (t["lora_up.weight"] @ t["lora_down.weight"]) * scale
+            used = ["lora_down.weight", "lora_up.weight", "alpha"]
+        elif kind == "loha" and "hada_w1_a" in t:
+            r = t["hada_w1_b"].shape[0]
+            scale = float(t.get("alpha", r)) / r
+            w = w + m * ((t["hada_w1_a"] @ t["hada_w1_b"]) * (t["hada_w2_a"] @ t["hada_w2_b"])) * scale
+            used = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"]
+        elif kind == "lokr" and "lokr_w1" in t and ("lokr_w2_a" in t or "lokr_w2" in t):
+            if "lokr_w2_a" in t:
+                r = t["lokr_w2_a"].shape[1]
+                scale = float(t.get("alpha", r)) / r
+                w2 = t["lokr_w2_a"] @ t["lokr_w2_b"]
+                used = ["lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"]
+            else:
+                scale, w2 = 1.0, t["lokr_w2"]
+                used = ["lokr_w1", "lokr_w2", "alpha"]
+            w = w + m * torch.kron(t["lokr_w1"], w2) * scale
+        unused -= {f"{name}.{k}" for k in used}
+        out[key] = w
+    return out, unused

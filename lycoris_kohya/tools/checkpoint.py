@@ -1,6 +1,7 @@
 """A base model's weights as our modules see them: lora name -> weight, read from and written to a
 diffusers folder (``unet/``, ``text_encoder/``, ``text_encoder_2/``; other parts are copied) or a
-single-file SD1/SD2/SDXL checkpoint with original (ldm/sgm) keys. See keymap.py for the names."""
+single-file SD1/SD2/SDXL checkpoint with original (ldm/sgm) keys, or a DiT's single file (Flux, SD3,
+musubi-tuner's families). See keymap.py for the names."""
 from __future__ import annotations
 
 import json
@@ -182,7 +183,7 @@ class Checkpoint:
     # ----- names ---------------------------------------------------------------------------------
     @property
     def family(self) -> str:
-        """"sdxl" or "sd" (SD1/SD2: the same key conventions)."""
+        """"sdxl", "sd" (SD1/SD2: the same key conventions) or "dit" (a DiT's single file)."""
         return self._family
 
     def _add(self, name: str, slot: Slot, *aliases: Optional[str]) -> None:
@@ -234,8 +235,21 @@ class Checkpoint:
         for comp in tes:
             self._add_clip(comp, self.stores[comp], "", prefixes[comp])
 
+    def _map_dit(self, keys: Store) -> None:
+        """A DiT's single file (musubi-tuner's, sd-scripts' Flux/SD3, with or without ComfyUI's
+        model.diffusion_model. prefix): every 2-D or 4-D weight, named as musubi's and sd-scripts'
+        LoRAs name them, lora_unet_ + its key path with dots as underscores."""
+        strip = LDM_UNET if any(k.startswith(LDM_UNET) for k in keys) else ""
+        for k in keys:
+            if k.startswith(strip) and k.endswith(".weight") and keys.dim(k) in (2, 4):
+                self._add(keymap.lora_name(UNET_PREFIX, k[len(strip):-len(".weight")]), Slot(SINGLE, k))
+
     def _map_single(self) -> None:
         sd = self.stores[SINGLE]
+        if not any(k.startswith((LDM_UNET + "input_blocks.", "cond_stage_model.", "conditioner.")) for k in sd):
+            self._family = "dit"
+            self._map_dit(sd)
+            return
         sdxl = any(k.startswith(("conditioner.embedders.1.", LDM_UNET + "label_emb.")) for k in sd)
         self._family = "sdxl" if sdxl else "sd"
         self._add_unet(SINGLE, sd, LDM_UNET, diffusers=False)

@@ -1,4 +1,4 @@
-"""``lycoris-kohya convert FILE --for comfyui|a1111|diffusers|all --out OUT [--base MODEL]``: rewrite a
+"""``lycoris-kohya convert FILE --for comfyui|a1111|diffusers|musubi|all --out OUT [--base MODEL]``: rewrite a
 file into a layout the target applies exactly as trained."""
 from __future__ import annotations
 
@@ -11,19 +11,22 @@ import torch
 from .. import specs as sp
 from ..algos import dora as dora_math
 from ..algos import locon, lokr
-from . import lowrank
+from . import lowrank, musubi
 from .checkpoint import Checkpoint, dtype_name, parse_dtype
 from .common import (ToolError, UsageError, check_input, check_output, check_rank, module_tensors, over_base, progress,
                      read_adapter, save_adapter, short, summary, tool_metadata, true_rank, written)
 
-TARGETS = ("comfyui", "a1111", "diffusers", "all")
+TARGETS = ("comfyui", "a1111", "diffusers", "musubi", "all")
 HELP = "rewrite a file so that a UI or library applies it exactly as trained"
 DESCRIPTION = HELP + """. comfyui: LoKr Tucker (lokr_t2, which ComfyUI skips silently) folded into a
 full lokr_w2; output-axis DoRA (ComfyUI divides by ||W0||) written as the full weight difference
 W_d - W0 (a "diff" tensor: W = W0 + m*diff is exact at every strength, since W_d - W0 is linear in m).
 a1111: output-axis DoRA (not implemented there) as "diff". diffusers and all (one file every target
 applies: plain LoCon): Tucker LoCon folded exactly; LoHa, LoKr and DoRA (as W_d - W0) factorised by SVD
-at their full numerical rank (exact up to float rounding, measured and reported). DoRA to "diff" or
+at their full numerical rank (exact up to float rounding, measured and reported). musubi (its
+inference merge reads one algorithm per file, no DoRA, no Tucker, LoHa/LoKr on Linears only, LoKr
+with a full lokr_w1): a file of one algorithm it reads is kept (lora_mid folded, lokr_w1_a/b
+multiplied out, both exact), any other becomes plain LoCon as for diffusers. DoRA to "diff" or
 LoCon needs the base model (--base). What cannot be written exactly is refused with the reason; with
 --allow-lossy --rank R it is truncated to rank R and the error reported. A module whose g*dW is
 exactly zero (a layer the training never changed) that has to become LoCon is written as a rank-1
@@ -59,6 +62,24 @@ def fold_lokr_t2(m: sp.StoredModule) -> Dict[str, torch.Tensor]:
     out = {k: v for k, v in m.factors.items() if k in (lokr.W1, lokr.W1A, lokr.W1B)}
     out[lokr.W2] = w2 * m.scale
     out["alpha"] = torch.tensor(float(t[lokr.W1B].shape[0]) if lokr.W1B in t else (m.alpha or 1.0))
+    if m.dora_scale is not None:
+        out["dora_scale"] = m.dora_scale
+    return out
+
+
+def full_lokr_w1(m: sp.StoredModule) -> Dict[str, torch.Tensor]:
+    """LoKr with lokr_w1_a/b -> the same module with a full lokr_w1 = w1_a @ w1_b. The scale stays:
+    with a factorised lokr_w2 it is alpha/rank(w2) in every reader; with a full lokr_w2 (where
+    alpha/rank(w1) applied) both factors are now full and readers take the scale as 1, so g is
+    multiplied into lokr_w2."""
+    t = dict(m.factors)
+    w1 = (t.pop(lokr.W1A).float() @ t.pop(lokr.W1B).float()).to(m.factors[lokr.W1A].dtype)
+    out = {lokr.W1: w1, **t}
+    if lokr.W2 in t:
+        out[lokr.W2] = (t[lokr.W2].float() * m.scale).to(t[lokr.W2].dtype)
+        out["alpha"] = torch.tensor(1.0)
+    elif m.alpha is not None:
+        out["alpha"] = torch.tensor(m.alpha)
     if m.dora_scale is not None:
         out["dora_scale"] = m.dora_scale
     return out
@@ -105,6 +126,12 @@ def convert_module(m: sp.StoredModule, target: str, w0: Optional[torch.Tensor], 
         if target == "comfyui" and lokr.T2 in m.factors:
             return cast(fold_lokr_t2(m)), "lokr_t2 folded into a full lokr_w2", 0.0, None
         return unchanged(), "unchanged", 0.0, None
+    if target == "musubi":  # a file musubi reads as it is (convert() turns any other into "all")
+        if m.algo == "lokr" and lokr.W1 not in m.factors:
+            return cast(full_lokr_w1(m)), "lokr_w1_a/b multiplied out into a full lokr_w1", 0.0, None
+        if m.algo != "locon":
+            return unchanged(), "unchanged", 0.0, None
+        target = "all"  # LoCon: lora_mid folded as for diffusers
     # diffusers / all: plain LoCon only
     if m.dora_axis is not None:
         d = m.change(base_needed("DoRA as LoCon"), 1.0)
@@ -132,14 +159,20 @@ def convert(path: str, target: str, out: str, base: Optional[str] = None, allow_
     tensors: Dict[str, torch.Tensor] = {}
     report: Dict[str, Dict[str, object]] = {}
     shapes: Dict[str, tuple] = {}
-    for name, m in progress(sorted(modules.items()), f"convert for {target}"):
+    fitted = {}
+    for name, m in modules.items():
         w0 = None
         if ckpt is not None:
             m, w0 = over_base(path, name, m, ckpt, base)
+        fitted[name] = (m, w0)
+    per_module = target
+    if target == "musubi" and musubi.native({n: m for n, (m, _) in fitted.items()}) is None:
+        per_module = "all"  # musubi reads one algorithm per file: every module becomes LoCon
+    for name, (m, w0) in progress(sorted(fitted.items()), f"convert for {target}"):
         if m.weight_shape is not None:
             shapes[name] = m.weight_shape
         try:
-            new, what, err, norm = convert_module(m, target, w0, rank, allow_lossy, dtype)
+            new, what, err, norm = convert_module(m, per_module, w0, rank, allow_lossy, dtype)
         except sp.ShapeUnknown as e:
             raise ToolError(f"{path}: {e}") from None
         except ToolError as e:

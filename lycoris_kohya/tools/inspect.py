@@ -4,18 +4,21 @@ from __future__ import annotations
 import json
 import math
 from collections import OrderedDict
-from typing import Dict, List, Mapping
+from typing import Dict, Iterable, List, Mapping
 
 from .. import blocks
 from .. import specs as sp
 from .. import weights as wio
 from ..algos import dora as dora_math
 from ..algos import locon, lokr
+from . import musubi
 from .common import ToolError, UsageError, check_output, load_adapter_file, true_rank, written
 
 HELP = "what an adapter file holds: algorithms, ranks, alphas, DoRA, norms per block, metadata, which UIs apply it"
 TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
                  "ss_v2", "ss_sd_model_name", "ss_output_name", "ss_training_comment")
+#: the convert target that writes what each reader applies as trained
+CONVERT_FOR = {"comfyui": "comfyui", "a1111": "a1111", "diffusers": "diffusers", "sd-scripts": "all", "musubi": "musubi"}
 PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "pgf", "raw", "rgba")
 
 
@@ -54,8 +57,9 @@ def block_of(name: str, is_sdxl: bool) -> str:
     return "UNET"
 
 
-def compatibility(modules: Mapping[str, sp.StoredModule]) -> Dict[str, Dict[str, object]]:
-    """Which tools apply every module as trained (SPEC section 3's consumer facts)."""
+def compatibility(modules: Mapping[str, sp.StoredModule], keys: Iterable[str]) -> Dict[str, Dict[str, object]]:
+    """Which tools apply every module as trained (SPEC section 3's consumer facts; musubi-tuner's
+    merge: ``tools/musubi.py``). ``keys``: the file's tensor keys."""
     def count(pred) -> int:
         return sum(1 for m in modules.values() if pred(m))
 
@@ -74,6 +78,7 @@ def compatibility(modules: Mapping[str, sp.StoredModule]) -> Dict[str, Dict[str,
         "sd-scripts": ([f"ignores {not_locon} LoHa/LoKr/diff modules"] if not_locon else [])
         + ([f"does not read lora_mid ({mid} modules)"] if mid else [])
         + ([f"fails on dora_scale ({dora} modules)"] if dora else []),
+        "musubi": musubi.issues(modules, keys),
     }
     return {tool: {"applies_as_trained": not msgs, "issues": msgs} for tool, msgs in issues.items()}
 
@@ -128,7 +133,7 @@ def summarize(path: str) -> Dict[str, object]:
         "total_norm": math.sqrt(sum(e["norm"] ** 2 for e in entries.values())),
         "max_norm": max((e["norm"] for e in entries.values()), default=0.0),
         "hash": hashes,
-        "compatibility": compatibility(modules),
+        "compatibility": compatibility(modules, sd.keys()),
     }
     return {"modules": entries, "metadata": dict(meta), "summary": summary}
 
@@ -152,8 +157,8 @@ def _text(report: Dict[str, object], list_modules: bool) -> str:
                      f"e.g. {s['zero_modules'][0]}); the tools keep them as zero modules")
     lines.append("")
     for tool, c in s["compatibility"].items():
-        lines.append(f"{tool + ':':<12}" + ("applies every module as trained" if c["applies_as_trained"]
-                                            else "; ".join(c["issues"])))
+        lines.append(f"{tool + ':':<12}" + ("applies every module as trained" if c["applies_as_trained"] else
+                                            "; ".join(c["issues"]) + f" (convert --for {CONVERT_FOR[tool]} fixes it)"))
     if s["hash"]:
         lines.append(f"sshs_model_hash {s['hash']['sshs_model_hash'][:16]}...: "
                      + ("matches the file" if s["hash"]["matches_file"] else "does NOT match the file's data"))
