@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import blocks
+from . import ddp
 from . import norms
 from . import presets
 from . import targets as tg
@@ -283,7 +284,10 @@ class LycorisNetwork(nn.Module):
         self.train()
 
     def on_step_start(self, *args, **kwargs):
-        pass
+        """Every step, before the forward (sd-scripts and musubi-tuner both call it): with
+        module_dropout and several processes, check that they will skip the same modules."""
+        if any(a.training and a.module_dropout is not None for a in self.loras):
+            ddp.check_generators_agree()
 
     def get_trainable_params(self):
         return [p for p in self.parameters() if p.requires_grad]

@@ -100,6 +100,8 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--output_dir")
     p.add_argument("--output_name")
     p.add_argument("--seed", type=int)
+    p.add_argument("--seed_per_process", action="store_true",
+                   help="seed each process differently (the trainers without --seed)")
     p.add_argument("--network_train_unet_only", action="store_true", default=None)
     a = vars(p.parse_args(argv))
     opts = dict(DEFAULTS)
@@ -252,7 +254,9 @@ def main(argv=None) -> int:
     if accelerator.is_main_process and not os.path.exists(os.path.join(model, "model_index.json")):
         (build_tiny_sdxl if sdxl else build_tiny_sd)(model)
     accelerator.wait_for_everyone()
-    torch.manual_seed(opts["seed"])  # the same seed on every rank, as sd-scripts' set_seed(args.seed)
+    # the same seed on every rank, as sd-scripts' set_seed(args.seed); --seed_per_process: a seed of
+    # each process's own, as sd-scripts and musubi-tuner draw one without --seed
+    torch.manual_seed(opts["seed"] + (rank if opts["seed_per_process"] else 0))
 
     models = Models(model, sdxl)
     vae = AutoencoderKL.from_pretrained(model, subfolder="vae").requires_grad_(False).eval()
@@ -288,6 +292,7 @@ def main(argv=None) -> int:
     max_norm_log = []
     bar = tqdm(range(steps), desc="smoke train", disable=not accelerator.is_main_process)
     for step in bar:
+        net.on_step_start()  # as musubi-tuner calls it (sd-scripts passes its models)
         i = (step * world + rank) % latents_all.shape[0]  # each rank its own sample, as a sharded loader
         latents, token_ids = latents_all[i:i + 1], [x[i:i + 1] for x in ids]
         noise = torch.randn_like(latents)

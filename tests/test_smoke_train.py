@@ -70,3 +70,22 @@ def test_smoke_train_two_processes(tiny_sd, tmp_path):
     scaled = [int(s.split(",")[0]) for s in out.split("per step: ", 1)[1].splitlines()[0].strip("()").split("), (")]
     assert sum(scaled) > 0  # the compared max-norm results include rescaling
     assert "smoke train passed" in out and (tmp_path / "smoke_lokr.safetensors").exists()
+
+
+def test_two_processes_seeded_apart_stop_with_a_clear_error(tiny_sd, tmp_path):
+    """Without --seed, musubi-tuner and sd-scripts seed each process with its own random seed: their
+    module_dropout decisions then differ, and the gradients, averaged one parameter at a time, would
+    pair up wrongly. The network says so before the first forward, on every process."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "scripts", "smoke_train.py"), "--model", tiny_sd, "--steps", "2",
+           "--output_dir", str(tmp_path), "--seed_per_process",
+           "--network_args", "algo=locon", "module_dropout=0.3"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    out = run.stdout + run.stderr
+    assert run.returncode != 0
+    assert out.count("module_dropout with 2 processes needs every process to skip the same modules") >= 2, out[-3000:]
+    assert "Pass --seed" in out and "the ranks skipped different modules" not in out
