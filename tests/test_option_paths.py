@@ -240,7 +240,10 @@ def factor_keys(t):
 
 
 def expected_alpha(c, layer):
-    """The alpha the file stores: network_alpha (conv_alpha for kxk convs), times sqrt(r) with rs_lora."""
+    """The alpha the file stores: network_alpha (conv_alpha for kxk convs), times sqrt(r) with rs_lora;
+    1 for a LoKr with both factors full (g = 1 there, and 1 is what every reading of alpha agrees on)."""
+    if c.algo == "lokr" and c.full_matrix:
+        return 1.0
     alpha = CONV_ALPHA if is_kxk(layer) else ALPHA
     return alpha * math.sqrt(RANK) if c.rs_lora else alpha
 

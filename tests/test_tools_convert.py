@@ -162,3 +162,48 @@ def test_lossy_only_when_asked(sd1, tmp_path, capsys):
         measured = float((d_out - d_in).norm() / d_in.norm())
         assert r["modules"][x.lora_name]["relative_error"] == pytest.approx(measured, rel=1e-3, abs=1e-8)
     assert r["total_relative_error"] > 1e-3
+
+
+def test_full_factor_lokr_alpha_means_the_same_to_every_reader(tmp_path):
+    """LoKr with both factors full has g = 1 whatever alpha is. New files store alpha 1; a file
+    written the old way (alpha = network_alpha) still loads with g = 1, and convert rewrites its
+    alpha to 1, so a reader that ignores alpha there (ComfyUI today) and one that applies it
+    (ComfyUI #15114) compute the same weight."""
+    from safetensors.torch import save_file
+
+    from lycoris_kohya.tools import convert as convert_tool
+
+    import lycoris_kohya
+    import musubi_like as ml
+    from conftest import randomize
+
+    model = ml.build("wan")
+    net = lycoris_kohya.create_arch_network(1.0, 4, 8.0, None, None, model, algo="lokr", factor="4",
+                                            full_matrix="true")
+    randomize(net, seed=1, std=0.2)
+    path = str(tmp_path / "new.safetensors")
+    net.save_weights(path, torch.float32, None)
+    sd = load_file(path)
+    alphas = {k: float(v) for k, v in sd.items() if k.endswith(".alpha")}
+    assert alphas and set(alphas.values()) == {1.0}
+    old = {k: (torch.tensor(8.0) if k.endswith(".alpha") else v) for k, v in sd.items()}  # the old way
+    old_path = str(tmp_path / "old.safetensors")
+    save_file(old, old_path)
+
+    def readings(sd):  # (alpha ignored, alpha applied) per module: kron(w1, w2) [* alpha]
+        out = {}
+        for name in {k.split(".")[0] for k in sd}:
+            d = torch.kron(sd[name + ".lokr_w1"].float(), sd[name + ".lokr_w2"].float())
+            out[name] = (d, d * float(sd[name + ".alpha"]))
+        return out
+
+    reloaded = lycoris_kohya.create_arch_network_from_weights(1.0, old_path, unet=ml.build("wan"))
+    for a in reloaded.loras:
+        ignored, applied = readings(sd)[a.lora_name]
+        assert torch.allclose(a.delta(), ignored, atol=1e-6)
+    assert any(not torch.allclose(i, a) for i, a in readings(old).values())  # the old file: two readings
+    out = str(tmp_path / "comfy.safetensors")
+    r = convert_tool.convert(old_path, "comfyui", out)
+    assert {e["action"] for e in r["modules"].values()} == {"alpha 8 -> 1 (both LoKr factors full)"}
+    for name, (ignored, applied) in readings(load_file(out)).items():
+        assert torch.equal(ignored, applied) and torch.allclose(ignored, readings(sd)[name][0])

@@ -85,6 +85,12 @@ class Adapter(LayerHook):
         self.layout = layout if layout is not None else algorithm.plan(g, rank, **options)
         #: a note on the planned layout for the training log (``Algorithm.plan_note``), or None
         self.plan_note = None if layout is not None else algorithm.plan_note(self.layout, rank, options)
+        if not self.layout.use_alpha:
+            # g = 1 whatever alpha is (LoKr with both factors full): stored as 1, which every reader
+            # takes as g = 1, whether it ignores alpha (today's), divides it by a placeholder rank 1,
+            # or applies it (ComfyUI #15114)
+            self.alpha.fill_(1.0)
+            self._alpha_value = 1.0
         tensors, self.zero_init = algorithm.init(self.layout, g, use_scalar)
         for suffix, t in tensors.items():
             holder, _, leaf = suffix.partition(".")

@@ -31,6 +31,7 @@ LoCon needs the base model (--base). What cannot be written exactly is refused w
 --allow-lossy --rank R it is truncated to rank R and the error reported. A module whose g*dW is
 exactly zero (a layer the training never changed) that has to become LoCon is written as a rank-1
 LoCon with lora_up = 0. OUT must not exist (--force replaces it) and is never the input."""
+KEPT = "unchanged"
 ZERO_HOW = "kept as they are, or (as LoCon) written as rank-1 LoCon with lora_up = 0"
 
 
@@ -106,13 +107,21 @@ def convert_module(m: sp.StoredModule, target: str, w0: Optional[torch.Tensor], 
     def cast(t: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
         return {k: (v if k == "dora_scale" else v.to(dt)) for k, v in t.items()}
 
+    # LoKr with both factors full: g = 1 whatever alpha is. Kept, it is written with alpha 1, which
+    # every reader takes as g = 1, also one that applies alpha there (ComfyUI #15114)
+    alpha_to_one = (m.algo == "lokr" and m.layout is not None and not m.layout.use_alpha
+                    and m.alpha not in (None, 1.0))
+
     def unchanged() -> Dict[str, torch.Tensor]:
         t = dict(m.factors)
         if m.alpha is not None:
-            t["alpha"] = torch.tensor(m.alpha)
+            t["alpha"] = torch.tensor(1.0 if alpha_to_one else m.alpha)
         if m.dora_scale is not None:
             t["dora_scale"] = m.dora_scale
         return cast(t)
+
+    def kept() -> Tuple[Dict[str, torch.Tensor], str, float, None]:
+        return unchanged(), f"alpha {m.alpha:g} -> 1 (both LoKr factors full)" if alpha_to_one else KEPT, 0.0, None
 
     def base_needed(why: str) -> torch.Tensor:
         if w0 is None:
@@ -125,12 +134,12 @@ def convert_module(m: sp.StoredModule, target: str, w0: Optional[torch.Tensor], 
             return {sp.DIFF: diff.to(dt)}, "output-axis DoRA -> diff (W_d - W0)", 0.0, None
         if target == "comfyui" and lokr.T2 in m.factors:
             return cast(fold_lokr_t2(m)), "lokr_t2 folded into a full lokr_w2", 0.0, None
-        return unchanged(), "unchanged", 0.0, None
+        return kept()
     if target == "musubi":  # a file musubi reads as it is (convert() turns any other into "all")
         if m.algo == "lokr" and lokr.W1 not in m.factors:
             return cast(full_lokr_w1(m)), "lokr_w1_a/b multiplied out into a full lokr_w1", 0.0, None
         if m.algo != "locon":
-            return unchanged(), "unchanged", 0.0, None
+            return kept()
         target = "all"  # LoCon: lora_mid folded as for diffusers
     # diffusers / all: plain LoCon only
     if m.dora_axis is not None:
@@ -140,7 +149,7 @@ def convert_module(m: sp.StoredModule, target: str, w0: Optional[torch.Tensor], 
     if m.algo == "locon":
         if locon.MID in m.factors:
             return cast(lowrank.fold_tucker(unchanged(), m.weight_shape)), "lora_mid folded into lora_down", 0.0, None
-        return unchanged(), "unchanged", 0.0, None
+        return kept()
     t, what, err, norm = _as_locon(m.delta(), rank, allow_lossy, dt, m.name, m.rank_bound)
     return t, f"{m.algo} -> {what}", err, norm
 
@@ -190,7 +199,7 @@ def convert(path: str, target: str, out: str, base: Optional[str] = None, allow_
     n2 = sum(r["norm"] ** 2 for r in report.values())
     e2 = sum((r["relative_error"] * r["norm"]) ** 2 for r in report.values())
     total = math.sqrt(e2 / n2) if n2 > 0 else 0.0
-    changed = any(r["action"] != "unchanged" for r in report.values())
+    changed = any(r["action"] != KEPT for r in report.values())
     meta = tool_metadata(written_modules, meta, "convert", args, refactorised=changed,
                          extra={"for": target, "total_relative_error": total})
     save_adapter(out, tensors, meta)
