@@ -42,8 +42,8 @@ def linears(model):
     return {p + ".weight": m for p, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 
-def trained_file(tmp_path, args, seed=2):
-    model = ml.build("wan")
+def trained_file(tmp_path, args, seed=2, family="wan"):
+    model = ml.build(family)
     args = dict(args)
     net = lycoris_kohya.create_arch_network(1.0, args.pop("dim", 4), 2.0, None, None, model, **args)
     randomize(net, seed=seed, std=0.2)
