@@ -11,7 +11,7 @@ import torch
 from .. import specs as sp
 from ..algos import dora as dora_math
 from ..algos import locon, lokr
-from . import lowrank, musubi, zimage
+from . import comfy_fused, lowrank, musubi
 from .checkpoint import Checkpoint, dtype_name, parse_dtype
 from .common import (ToolError, UsageError, check_input, check_output, check_rank, module_tensors, over_base, progress,
                      read_adapter, save_adapter, short, summary, tool_metadata, true_rank, written)
@@ -21,9 +21,9 @@ HELP = "rewrite a file so that a UI or library applies it exactly as trained"
 DESCRIPTION = HELP + """. comfyui: LoKr Tucker (lokr_t2, which ComfyUI skips silently) folded into a
 full lokr_w2; output-axis DoRA (ComfyUI divides by ||W0||) written as the full weight difference
 W_d - W0 (a "diff" tensor: W = W0 + m*diff is exact at every strength, since W_d - W0 is linear in m).
-Z-Image files for comfyui: each attention's to_q/to_k/to_v written as one module of ComfyUI's fused
-qkv (stacked exactly; LoKr, DoRA and Tucker parts as a LoCon of the stacked change at full numerical
-rank), to_out.0 named out. a1111: output-axis DoRA (not implemented there) as "diff". diffusers and all (one file every target
+Z-Image and HunyuanVideo 1.5 files for comfyui: each attention's q/k/v written as one module of
+ComfyUI's fused qkv (stacked exactly; LoKr, DoRA and Tucker parts as a LoCon of the stacked change at
+full numerical rank), the other layers under ComfyUI's names. a1111: output-axis DoRA (not implemented there) as "diff". diffusers and all (one file every target
 applies: plain LoCon): Tucker LoCon folded exactly; LoHa, LoKr and DoRA (as W_d - W0) factorised by SVD
 at their full numerical rank (exact up to float rounding, measured and reported). musubi (its
 inference merge reads one algorithm per file, no DoRA, no Tucker, LoHa/LoKr on Linears only, LoKr
@@ -180,8 +180,9 @@ def convert(path: str, target: str, out: str, base: Optional[str] = None, allow_
     if target == "musubi" and musubi.native({n: m for n, (m, _) in fitted.items()}) is None:
         per_module = "all"  # musubi reads one algorithm per file: every module becomes LoCon
     rename, fused = (lambda n: n), {}
-    if target == "comfyui" and zimage.is_zimage(fitted):  # ComfyUI's Z-Image: one qkv Linear, `out`
-        rename, fused = zimage.comfy_name, zimage.triples(fitted)
+    fusing = comfy_fused.family_of(fitted) if target == "comfyui" else None
+    if fusing is not None:  # ComfyUI's model of this family has fused layers (Z-Image, HunyuanVideo 1.5)
+        rename, fused = fusing.comfy_name, fusing.triples(fitted)
     in_fused = {n for parts in fused.values() for n in parts.values()}
     for name, (m, w0) in progress(sorted(fitted.items()), f"convert for {target}"):
         if name in in_fused:
@@ -202,7 +203,7 @@ def convert(path: str, target: str, out: str, base: Optional[str] = None, allow_
     for name, names in fused.items():
         parts = {c: fitted[n][0] for c, n in names.items()}
         try:
-            new, what, err, norm = zimage.fuse(parts, {c: fitted[n][1] for c, n in names.items()}, dtype,
+            new, what, err, norm = comfy_fused.fuse(parts, {c: fitted[n][1] for c, n in names.items()}, dtype,
                                                lambda d, dt, n: _as_locon(d, rank, allow_lossy, dt, n))
         except ToolError as e:
             raise type(e)(f"{path}: {e}") from None

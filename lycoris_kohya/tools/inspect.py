@@ -11,7 +11,7 @@ from .. import specs as sp
 from .. import weights as wio
 from ..algos import dora as dora_math
 from ..algos import locon, lokr
-from . import musubi, zimage
+from . import comfy_fused, musubi
 from .common import ToolError, UsageError, check_output, load_adapter_file, true_rank, written
 
 HELP = "what an adapter file holds: algorithms, ranks, alphas, DoRA, norms per block, metadata, which UIs apply it"
@@ -68,11 +68,11 @@ def compatibility(modules: Mapping[str, sp.StoredModule], keys: Iterable[str]) -
     dora = count(lambda m: m.dora_axis is not None)
     not_locon = count(lambda m: m.algo not in ("locon",))
     mid = count(lambda m: locon.MID in m.factors)
-    unfused = (sum(1 for n in modules if zimage.comfy_name(n) != n or zimage.QKV.match(n))
-               if zimage.is_zimage(modules) else 0)
+    fusing = comfy_fused.family_of(modules)
+    unfused = fusing.unfused(modules) if fusing else 0
     issues = {
-        "comfyui": ([f"finds no layer for {unfused} Z-Image attention modules (its Z-Image fuses to_q/to_k/to_v "
-                     "into qkv and names to_out.0 out)"] if unfused else [])
+        "comfyui": ([f"finds no layer for {unfused} {fusing.family} modules (its model fuses q/k/v into qkv and "
+                     "names some layers differently)"] if unfused else [])
         + ([f"skips {lokr_t2} LoKr Tucker (lokr_t2) modules silently"] if lokr_t2 else [])
         + ([f"{out_axis} output-axis DoRA modules divide by ||W0|| instead of ||W0 + g*dW||"] if out_axis else []),
         "a1111": [f"{out_axis} output-axis DoRA modules: only the input axis is implemented"] if out_axis else [],

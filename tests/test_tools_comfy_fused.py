@@ -1,8 +1,12 @@
-"""Z-Image files for ComfyUI (``convert --for comfyui``): ComfyUI's Z-Image has one fused qkv Linear
-(q, k, v stacked by rows) and names the output projection ``out``. The converted file, applied as
+"""musubi-tuner's Z-Image and HunyuanVideo 1.5 files for ComfyUI (``convert --for comfyui``): ComfyUI's
+models of these families have one fused qkv Linear (q, k, v stacked by rows) where musubi's have three,
+and other names for some layers (Z-Image: ``to_out.0`` is ``out``; HunyuanVideo 1.5: ``img_mlp.fc1/fc2``
+are ``img_mlp.0/2``, ``img_mod.linear`` is ``img_mod.lin``). The converted file, applied as
 ComfyUI applies each module (``oracle.reference_delta``: g = alpha/rank, DoRA via
 ``oracle.comfyui_weight``, ``diff`` added as it is) to ComfyUI's fused weights, must give the weights
 as trained (the SPEC formulas on the original file, per musubi layer, stacked)."""
+import re
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -22,22 +26,31 @@ CASES = {
 }
 
 
-def comfy_weights(w0):
-    """ComfyUI's Z-Image weights from musubi's: the main blocks' q, k, v stacked into qkv, to_out.0 as out."""
-    out = {}
+# musubi path -> ComfyUI path, per family (from musubi-tuner's convert_*_lora_to_comfy.py): the
+# q/k/v triples become one fused weight, stacked in that order
+FUSED = {"zimage": (r"^(layers\.\d+\.attention)\.to_([qkv])$", r"\1.qkv"),
+         "hunyuan_video_1_5": (r"^(double_blocks\.\d+\.(?:img|txt)_attn)_([qkv])$", r"\1_qkv")}
+RENAMED = {"zimage": [(r"^(layers\.\d+\.attention)\.to_out\.0$", r"\1.out")],
+           "hunyuan_video_1_5": [(r"^(double_blocks\.\d+\.(?:img|txt))_mlp\.fc([12])$",
+                                  lambda m: f"{m.group(1)}_mlp.{'0' if m.group(2) == '1' else '2'}"),
+                                 (r"^(double_blocks\.\d+\.(?:img|txt))_mod\.linear$", r"\1_mod.lin")]}
+
+
+def comfy_weights(w0, family):
+    """ComfyUI's weights of the family from musubi's (by path, without .weight)."""
+    fused_re, fused_to = FUSED[family]
+    out, parts = {}, {}
     for key, w in w0.items():
         path = key[:-len(".weight")]
-        if path.startswith("layers.") and ".attention.to_" in path:
-            head, leaf = path.rsplit(".attention.", 1)
-            if leaf in ("to_k", "to_v"):
-                continue
-            if leaf == "to_q":
-                out[head + ".attention.qkv"] = torch.cat([w0[f"{head}.attention.to_{c}.weight"] for c in "qkv"])
-                continue
-            if leaf == "to_out.0":
-                out[head + ".attention.out"] = w
-                continue
+        m = re.match(fused_re, path)
+        if m:
+            parts.setdefault(re.sub(fused_re, fused_to, path), {})[m.group(2)] = w
+            continue
+        for pattern, to in RENAMED[family]:
+            path = re.sub(pattern, to, path)
         out[path] = w
+    for path, qkv in parts.items():
+        out[path] = torch.cat([qkv[c] for c in "qkv"])
     return out
 
 
@@ -58,26 +71,34 @@ def applied_by_comfyui(w0, sd, m):
     return got
 
 
+FAMILIES = {"zimage": ("lora_unet_layers_0_attention_to_q", "lora_unet_layers_0_attention_qkv",
+                        "lora_unet_layers_0_attention_out"),
+            "hunyuan_video_1_5": ("lora_unet_double_blocks_0_img_attn_q", "lora_unet_double_blocks_0_txt_attn_qkv",
+                                  "lora_unet_double_blocks_0_img_mlp_0")}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("case", list(CASES))
-def test_comfyui_gets_fused_qkv_with_the_weights_as_trained(case, tmp_path):
+def test_comfyui_gets_fused_qkv_with_the_weights_as_trained(case, family, tmp_path):
     args, qkv_tensor = CASES[case]
-    model, path = trained_file(tmp_path, args, family="zimage")
+    unfused, fused, renamed = FAMILIES[family]
+    model, path = trained_file(tmp_path, args, family=family)
     base, w0 = base_file(model, tmp_path)
     sd = load_file(path)
-    assert any(k.startswith("lora_unet_layers_0_attention_to_q.") for k in sd)
-    want = comfy_weights(expected(w0, sd, M))
+    assert any(k.startswith(unfused + ".") for k in sd)
+    want = comfy_weights(expected(w0, sd, M), family)
 
     out = str(tmp_path / "comfy.safetensors")
     report = convert.convert(path, "comfyui", out, base=base)
     converted = load_file(out)
     names = {k.split(".")[0] for k in converted}
-    assert "lora_unet_layers_0_attention_qkv" in names and "lora_unet_layers_0_attention_out" in names
-    assert not any("_attention_to_" in n for n in names if n.startswith("lora_unet_layers_")), sorted(names)
-    assert f"lora_unet_layers_0_attention_qkv.{qkv_tensor}" in converted
-    got = applied_by_comfyui(comfy_weights(w0), converted, M)
+    assert fused in names and renamed in names and unfused not in names, sorted(names)
+    assert f"{fused}.{qkv_tensor}" in converted
+    got = applied_by_comfyui(comfy_weights(w0, family), converted, M)
     assert set(got) == set(want)
+    assert all(k.split(".")[0] in {"lora_unet_" + p.replace(".", "_") for p in got} for k in converted)
     assert worst(got, want) < 1e-5, report["total_relative_error"]
-    assert report["modules"]["lora_unet_layers_0_attention_qkv"]["action"].startswith("to_q/to_k/to_v")
+    assert report["modules"][fused]["action"].startswith("q/k/v")
 
 
 def test_stacked_dora_needs_the_base(tmp_path):
@@ -95,8 +116,8 @@ def test_inspect_says_comfyui_misses_the_unfused_attention_until_converted(tmp_p
     n = sum(1 for k in load_file(path) if k.endswith(".lora_down.weight") and "_attention_to_" in k)
     verdict = inspect.summarize(path)["summary"]["compatibility"]["comfyui"]
     assert not verdict["applies_as_trained"]
-    assert verdict["issues"] == [f"finds no layer for {n} Z-Image attention modules (its Z-Image fuses "
-                                 "to_q/to_k/to_v into qkv and names to_out.0 out)"]
+    assert verdict["issues"] == [f"finds no layer for {n} Z-Image modules (its model fuses q/k/v into qkv and "
+                                 "names some layers differently)"]
     out = str(tmp_path / "comfy.safetensors")
     convert.convert(path, "comfyui", out, base=base)
     assert inspect.summarize(out)["summary"]["compatibility"]["comfyui"]["applies_as_trained"]

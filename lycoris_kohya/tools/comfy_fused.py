@@ -1,7 +1,9 @@
-"""Z-Image files for ComfyUI. musubi-tuner trains Z-Image's attention as three Linears (``to_q``,
-``to_k``, ``to_v``) and names its output projection ``to_out.0``; ComfyUI's Z-Image model has one
-fused ``qkv`` Linear (q, k, v stacked by rows) and names the output ``out`` (the names as musubi-tuner's
-``networks/convert_z_image_lora_to_comfy.py`` writes them for ComfyUI).
+"""musubi-tuner files for families whose ComfyUI model fuses layers musubi trains apart. Z-Image:
+musubi's attention has ``to_q``, ``to_k``, ``to_v`` and ``to_out.0``; ComfyUI's one ``qkv`` Linear (q, k,
+v stacked by rows) and ``out``. HunyuanVideo 1.5: musubi's double blocks have ``img_attn_q/k/v``,
+``img_mod.linear``, ``img_mlp.fc1/fc2`` (and txt_); ComfyUI's ``img_attn_qkv``, ``img_mod.lin``,
+``img_mlp.0/2``. (The names as musubi-tuner's ``networks/convert_z_image_lora_to_comfy.py`` and
+``convert_hunyuan_video_1_5_lora_to_comfy.py`` write them for ComfyUI.)
 
 ``fuse`` writes one q/k/v triple as one module of the fused layer whose change is the three changes
 stacked, exactly: LoCon as its ``lora_down``s concatenated under a block-diagonal ``lora_up``, LoHa the
@@ -12,6 +14,7 @@ at its full numerical rank (an SVD: exact up to float rounding, the error measur
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
@@ -20,33 +23,52 @@ from .. import specs as sp
 from ..algos import locon, loha
 from .common import ToolError
 
-QKV = re.compile(r"^(lora_unet_.*attention_)to_([qkv])$")
-MAIN_BLOCK = re.compile(r"^lora_unet_layers_\d+_attention_to_[qkv]$")
-# in the main blocks' names only, as musubi-tuner's converter does
-RENAMES = (("attention_to_out_0", "attention_out"), ("attention_norm_k", "attention_k_norm"),
-           ("attention_norm_q", "attention_q_norm"))
+
+@dataclass(frozen=True)
+class FusedFamily:
+    family: str
+    detect: "re.Pattern[str]"  # a module name only this family's unfused files have
+    qkv: "re.Pattern[str]"  # (fused name prefix, "q"|"k"|"v")
+    renames: Tuple[Tuple[str, str], ...]
+    rename_where: str  # renames apply to names containing this (as musubi's converters do)
+
+    def comfy_name(self, name: str) -> str:
+        if self.rename_where in name:
+            for old, new in self.renames:
+                name = name.replace(old, new)
+        return name
+
+    def triples(self, names) -> Dict[str, Dict[str, str]]:
+        """fused module name -> {"q"|"k"|"v": module name} for every layer with any of them."""
+        out: Dict[str, Dict[str, str]] = {}
+        for n in names:
+            m = self.qkv.match(n)
+            if m:
+                out.setdefault(self.comfy_name(m.group(1) + "qkv"), {})[m.group(2)] = n
+        return out
+
+    def unfused(self, names) -> int:
+        """How many modules ComfyUI's model has no layer of that name for."""
+        return sum(1 for n in names if self.comfy_name(n) != n or self.qkv.match(n))
 
 
-def is_zimage(names) -> bool:
-    """A file of musubi-tuner's Z-Image: main-block attention adapted as separate to_q/to_k/to_v."""
-    return any(MAIN_BLOCK.match(n) for n in names)
+FAMILIES = (
+    FusedFamily("Z-Image", re.compile(r"^lora_unet_layers_\d+_attention_to_[qkv]$"),
+                re.compile(r"^(lora_unet_.*attention_)to_([qkv])$"),
+                (("attention_to_out_0", "attention_out"), ("attention_norm_k", "attention_k_norm"),
+                 ("attention_norm_q", "attention_q_norm")), "layers"),
+    FusedFamily("HunyuanVideo 1.5", re.compile(r"^lora_unet_double_blocks_\d+_(img|txt)_attn_[qkv]$"),
+                re.compile(r"^(lora_unet_double_blocks_\d+_(?:img|txt)_attn_)([qkv])$"),
+                tuple((f"{side}_{old}", f"{side}_{new}") for side in ("img", "txt")
+                      for old, new in (("mlp_fc1", "mlp_0"), ("mlp_fc2", "mlp_2"), ("mod_linear", "mod_lin"))),
+                "double_blocks"),
+)
 
 
-def comfy_name(name: str) -> str:
-    if "layers" in name:
-        for old, new in RENAMES:
-            name = name.replace(old, new)
-    return name
-
-
-def triples(names) -> Dict[str, Dict[str, str]]:
-    """fused module name -> {"q"|"k"|"v": module name} for every attention with any of them."""
-    out: Dict[str, Dict[str, str]] = {}
-    for n in names:
-        m = QKV.match(n)
-        if m:
-            out.setdefault(comfy_name(m.group(1) + "qkv"), {})[m.group(2)] = n
-    return out
+def family_of(names) -> Optional[FusedFamily]:
+    """The family whose ComfyUI model fuses what this file adapts apart, or None."""
+    names = list(names)
+    return next((f for f in FAMILIES if any(f.detect.match(n) for n in names)), None)
 
 
 def _stackable(parts: List[sp.StoredModule]) -> Optional[str]:
@@ -83,9 +105,9 @@ def fuse(parts: Mapping[str, sp.StoredModule], w0s: Mapping[str, Optional[torch.
     dt = dtype or next(iter(present[0].factors.values())).dtype
     algo = _stackable(present)
     if algo == "locon":
-        return _stacked_locon(present, dt), "to_q/to_k/to_v stacked into one LoCon of qkv", 0.0, None
+        return _stacked_locon(present, dt), "q/k/v stacked into one LoCon of qkv", 0.0, None
     if algo == "loha":
-        return _stacked_loha(present, dt), "to_q/to_k/to_v stacked into one LoHa of qkv", 0.0, None
+        return _stacked_loha(present, dt), "q/k/v stacked into one LoHa of qkv", 0.0, None
     changes = []
     rows = present[0].flat[0]
     for c in "qkv":
@@ -101,4 +123,4 @@ def fuse(parts: Mapping[str, sp.StoredModule], w0s: Mapping[str, Optional[torch.
         else:
             changes.append(p.delta_flat())
     t, what, err, norm = as_locon(torch.cat(changes), dt, present[0].name)
-    return t, f"to_q/to_k/to_v ({', '.join(sorted({p.algo for p in present}))}) stacked into qkv -> {what}", err, norm
+    return t, f"q/k/v ({', '.join(sorted({p.algo for p in present}))}) stacked into qkv -> {what}", err, norm
