@@ -182,3 +182,46 @@ def test_the_file_type_is_the_first_key_safetensors_lists():
     for order in (keys, keys[::-1]):
         assert musubi.file_type(order) == {"lora": "locon"}.get(musubi_file_type(order), musubi_file_type(order))
     assert musubi.file_type(keys) == "lokr"
+
+
+# ----- musubi's --lycoris path: lycoris-lora itself as the oracle (where installed) -----------------
+LYCORIS_CASES = {"locon": ({"algo": "locon"}, 1.0), "loha": ({"algo": "loha"}, 0.5),
+                 "lokr_g2": ({"algo": "lokr", "factor": "2", "dim": 1}, 2.0),
+                 "locon_dora_out": ({"algo": "locon", "dora_wd": "true", "wd_on_output": "true"}, 1.0),
+                 "locon_dora_in": ({"algo": "locon", "dora_wd": "true"}, None)}
+
+
+@pytest.mark.parametrize("case", list(LYCORIS_CASES))
+def test_what_inspect_says_of_musubis_lycoris_path_is_what_lycoris_lora_does(case, tmp_path):
+    """musubi's generate scripts with --lycoris call lycoris-lora's create_network_from_weights(
+    multiplier=m, file=None, weights_sd=sd, unet=model, ..., for_inference=True).merge_to(None, model,
+    sd, dtype=None, device=...). Run that, at m = 0.7, and compare with inspect's line: the change
+    it merges is 1/m of the trained one times g where inspect says g is applied twice, and an
+    input-axis DoRA file does not load."""
+    lyco = pytest.importorskip("lycoris.kohya")
+    args, g_twice = LYCORIS_CASES[case]
+    model, path = trained_file(tmp_path, args)
+    sd = load_file(path)
+    _, w0 = base_file(model, tmp_path)
+    want = expected(w0, sd, M)
+    issues = inspect.summarize(path)["summary"]["compatibility"]["musubi --lycoris"]["issues"]
+    assert issues[0] == "merges every module at multiplier 1, whatever --lora_multiplier asks"
+    assert any("get g = alpha/rank twice" in i for i in issues) == (g_twice not in (None, 1.0))
+    if g_twice is None:
+        assert any("fails to load the file" in i for i in issues)
+        with pytest.raises(Exception):
+            lyco.create_network_from_weights(multiplier=M, file=None, weights_sd=sd, unet=model, text_encoder=None,
+                                             vae=None, for_inference=True)[0].merge_to(None, model, sd, dtype=None,
+                                                                                       device="cpu")
+        return
+    net, _ = lyco.create_network_from_weights(multiplier=M, file=None, weights_sd=sd, unet=model, text_encoder=None,
+                                              vae=None, for_inference=True)
+    net.merge_to(None, model, sd, dtype=None, device="cpu")
+    got = {k: layer.weight.detach() for k, layer in linears(model).items()}
+    for key in want:  # the change it merges: the trained change at m = 1, times g again for LoHa/LoKr
+        if torch.equal(want[key], w0[key]):
+            continue
+        if "dora" in case:  # at m = 1 its output-axis DoRA is ours
+            assert torch.allclose(got[key], expected(w0, sd, 1.0)[key], atol=1e-5), key
+        else:
+            assert torch.allclose(got[key] - w0[key], (want[key] - w0[key]) / M * g_twice, atol=1e-5), key

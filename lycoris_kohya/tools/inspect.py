@@ -17,8 +17,10 @@ from .common import ToolError, UsageError, check_output, load_adapter_file, true
 HELP = "what an adapter file holds: algorithms, ranks, alphas, DoRA, norms per block, metadata, which UIs apply it"
 TRAINING_KEYS = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args", "ss_base_model_version",
                  "ss_v2", "ss_sd_model_name", "ss_output_name", "ss_training_comment")
-#: the convert target that writes what each reader applies as trained
-CONVERT_FOR = {"comfyui": "comfyui", "a1111": "a1111", "diffusers": "diffusers", "sd-scripts": "all", "musubi": "musubi"}
+#: what to do where a reader does not apply a file as trained
+FIX = {tool: f"convert --for {target} fixes it" for tool, target in
+       (("comfyui", "comfyui"), ("a1111", "a1111"), ("diffusers", "diffusers"), ("sd-scripts", "all"), ("musubi", "musubi"))}
+FIX["musubi --lycoris"] = "musubi without --lycoris applies a convert --for musubi file as trained"
 PLOT_FORMATS = ("png", "pdf", "svg", "svgz", "jpg", "jpeg", "eps", "ps", "tif", "tiff", "webp", "pgf", "raw", "rgba")
 
 
@@ -83,6 +85,7 @@ def compatibility(modules: Mapping[str, sp.StoredModule], keys: Iterable[str]) -
         + ([f"does not read lora_mid ({mid} modules)"] if mid else [])
         + ([f"fails on dora_scale ({dora} modules)"] if dora else []),
         "musubi": musubi.issues(modules, keys),
+        "musubi --lycoris": musubi.lycoris_issues(modules),
     }
     return {tool: {"applies_as_trained": not msgs, "issues": msgs} for tool, msgs in issues.items()}
 
@@ -161,8 +164,8 @@ def _text(report: Dict[str, object], list_modules: bool) -> str:
                      f"e.g. {s['zero_modules'][0]}); the tools keep them as zero modules")
     lines.append("")
     for tool, c in s["compatibility"].items():
-        lines.append(f"{tool + ':':<12}" + ("applies every module as trained" if c["applies_as_trained"] else
-                                            "; ".join(c["issues"]) + f" (convert --for {CONVERT_FOR[tool]} fixes it)"))
+        lines.append(f"{tool + ':':<18}" + ("applies every module as trained" if c["applies_as_trained"] else
+                                            "; ".join(c["issues"]) + f" ({FIX[tool]})"))
     if s["hash"]:
         lines.append(f"sshs_model_hash {s['hash']['sshs_model_hash'][:16]}...: "
                      + ("matches the file" if s["hash"]["matches_file"] else "does NOT match the file's data"))

@@ -80,3 +80,22 @@ def native(modules: Mapping[str, sp.StoredModule]) -> Optional[str]:
     if algo in ("loha", "lokr") and all(_linear(m) is not False and not m.tucker for m in modules.values()):
         return algo
     return None
+
+
+# ----- the --lycoris path: lycoris-lora's create_network_from_weights + merge_to ------------------
+def lycoris_issues(modules: Mapping[str, sp.StoredModule]) -> List[str]:
+    """What musubi's generate scripts with ``--lycoris`` compute (lycoris-lora 4.1.3's
+    ``create_network_from_weights(multiplier=m, ...)`` then ``merge_to``, measured against this
+    package's merge): every module at multiplier 1 whatever m is; LoHa and LoKr with g applied twice;
+    input-axis DoRA does not load (lycoris-lora has the output axis only)."""
+    input_dora = sum(1 for m in modules.values() if m.dora_axis == "input")
+    twice = [m for m in modules.values() if m.algo in ("loha", "lokr") and m.scale != 1.0]
+    out = ["merges every module at multiplier 1, whatever --lora_multiplier asks"]
+    if twice:
+        gs = sorted({round(m.scale, 6) for m in twice})
+        out.append(f"{len(twice)} LoHa/LoKr modules get g = alpha/rank twice (g = {', '.join(f'{g:g}' for g in gs[:3])}"
+                   f"{', ...' if len(gs) > 3 else ''}: that many times their change)")
+    if input_dora:
+        out.append(f"fails to load the file: {input_dora} input-axis DoRA modules (lycoris-lora has the output "
+                   "axis only)")
+    return out
