@@ -207,3 +207,42 @@ def test_full_factor_lokr_alpha_means_the_same_to_every_reader(tmp_path):
     assert {e["action"] for e in r["modules"].values()} == {"alpha 8 -> 1 (both LoKr factors full)"}
     for name, (ignored, applied) in readings(load_file(out)).items():
         assert torch.equal(ignored, applied) and torch.allclose(ignored, readings(sd)[name][0])
+
+
+@pytest.mark.parametrize("algo", ["loha", "lokr"])
+def test_dit_and_text_encoder_files_need_no_base_for_locon(algo, tmp_path):
+    """A plain LoHa, or a LoKr with a factorised lokr_w2, stores [out, in*k*k] without saying Linear
+    or convolution. Text encoders and a DiT's transformer blocks adapt Linears only: a Flux file
+    (CLIP-L, T5, double and single blocks) converts to LoCon without --base, exactly."""
+    import lycoris_kohya
+    import flux_like as fl
+    from conftest import randomize
+    from lycoris_kohya.tools import convert as convert_tool
+
+    tes, flux = fl.flux_models()
+    extra = {"factor": "4", "dim": 2} if algo == "lokr" else {}
+    dim = extra.pop("dim", 4)
+    net = lycoris_kohya.create_network(1.0, dim, 2.0, None, tes, flux, algo=algo, train_t5xxl="true", **extra)
+    randomize(net, seed=3, std=0.2)
+    path = str(tmp_path / "flux.safetensors")
+    net.save_weights(path, torch.float32, None)
+    sd = load_file(path)
+    assert any(k.startswith("lora_te3_") for k in sd) and any(k.startswith("lora_unet_single_blocks_") for k in sd)
+    out = str(tmp_path / "locon.safetensors")
+    r = convert_tool.convert(path, "all", out)
+    got = load_file(out)
+    assert not any(k.endswith((".hada_w1_a", ".lokr_w1")) for k in got)
+    for name in {k.split(".")[0] for k in sd}:
+        g, dw = reference_delta(sd, name, _flat_shape(sd, name, algo))
+        g2, dw2 = reference_delta(got, name, tuple(dw.shape))
+        assert torch.allclose(g2 * dw2, g * dw, atol=1e-5, rtol=1e-4), name
+    assert r["total_relative_error"] < 1e-6
+
+
+def _flat_shape(sd, name, algo):
+    """[out, in] of a Linear module from its factors (LoHa: w1_a rows, w1_b columns; LoKr: w1 x w2)."""
+    if algo == "loha":
+        return (sd[name + ".hada_w1_a"].shape[0], sd[name + ".hada_w1_b"].shape[1])
+    w1 = sd[name + ".lokr_w1"] if name + ".lokr_w1" in sd else sd[name + ".lokr_w1_a"] @ sd[name + ".lokr_w1_b"]
+    w2 = sd[name + ".lokr_w2"] if name + ".lokr_w2" in sd else sd[name + ".lokr_w2_a"] @ sd[name + ".lokr_w2_b"]
+    return (w1.shape[0] * w2.shape[0], w1.shape[1] * w2.shape[1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 from collections import Counter
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, TypeVar
@@ -147,9 +148,29 @@ def load_adapter_file(path: str) -> Tuple[Dict[str, torch.Tensor], Dict[str, str
     return sd, meta
 
 
+#: modules of an SD U-Net, where a LoHa/LoKr module may be a convolution the file does not tell apart
+SD_UNET = re.compile(r"^lora_unet_(down_blocks|up_blocks|mid_block|input_blocks|output_blocks|middle_block|conv_|"
+                     r"time_emb|label_emb|add_embedding)")
+#: modules inside a DiT's transformer blocks (sd-scripts' Flux/SD3/Lumina/..., musubi's families): Linears only
+DIT_BLOCK = re.compile(r"^lora_unet_(double_blocks|single_blocks|joint_blocks|blocks|layers|transformer_blocks|"
+                       r"single_transformer_blocks|noise_refiner|context_refiner|visual_transformer_blocks|"
+                       r"text_transformer_blocks)_\d+_")
+
+
+def linear_where_certain(modules: Mapping[str, sp.StoredModule]) -> Dict[str, sp.StoredModule]:
+    """Modules whose layer the file leaves open (plain LoHa, LoKr with a factorised lokr_w2: Linear or
+    convolution is not stored) shaped as Linears where that is certain: text-encoder modules (CLIP
+    and T5 are adapted in their Linears only) and, in a file with no SD U-Net module, modules inside
+    a DiT's transformer blocks. Others stay open (a base model tells their shape)."""
+    dit = not any(SD_UNET.match(n) for n in modules)
+    return {n: m.fit(m.flat) if m.weight_shape is None and m.algo != sp.DIFF and (
+        n.startswith("lora_te") or (dit and DIT_BLOCK.match(n))) else m for n, m in modules.items()}
+
+
 def read_adapter(path: str, shapes=None, finite: bool = True) -> Tuple[Dict[str, sp.StoredModule], Dict[str, str]]:
-    """The modules (and metadata) of an adapter file; errors name the file and the module. With
-    ``finite`` a tensor holding NaN or Inf is an error (a tool would only carry it into its output)."""
+    """The modules (and metadata) of an adapter file, Linears shaped where certain
+    (``linear_where_certain``); errors name the file and the module. With ``finite`` a tensor
+    holding NaN or Inf is an error (a tool would only carry it into its output)."""
     sd, meta = load_adapter_file(path)
     if finite:
         bad = wio.non_finite(sd)
@@ -157,7 +178,7 @@ def read_adapter(path: str, shapes=None, finite: bool = True) -> Tuple[Dict[str,
             more = f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else ""
             raise ToolError(f"{path}: {bad[0]} holds NaN or Inf{more}; the file is damaged (a diverged training?)")
     try:
-        modules = sp.read_modules(sd, shapes)
+        modules = linear_where_certain(sp.read_modules(sd, shapes))
     except ValueError as e:
         raise ToolError(f"{path}: {e}") from None
     return modules, meta
