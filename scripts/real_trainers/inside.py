@@ -5,7 +5,8 @@
   inside.py reload --family wan --dit DIT --file F    reload a saved network onto the DiT; prints JSON
 
 ``run`` changes nothing in musubi: before the script is imported it makes ``torch.cuda.current_device``
-answer on a machine without CUDA (musubi's Wan T5 module evaluates it as a default argument at import),
+answer on a machine without CUDA (musubi's Wan T5 module evaluates it as a default argument at import)
+and ``torch.cuda.set_device`` a no-op there (block swap's thread calls it for the CPU device too),
 lets a CUDA-linked torchvision wheel import beside the CPU torch (see _tolerate_cuda_torchvision), and
 lets the family register its micro sizes (wan_micro.install). Then the module runs as __main__.
 """
@@ -32,6 +33,9 @@ def patch_cuda() -> None:
 
     if not torch.cuda.is_available():
         torch.cuda.current_device = lambda: 0  # only ever a default argument; the scripts get --device cpu
+        # musubi's block swap thread calls torch.cuda.set_device(dev) for any device
+        # (modules/custom_offloading_utils.py, move_blocks); with the CPU device there is nothing to select
+        torch.cuda.set_device = lambda device: None
     _tolerate_cuda_torchvision()
 
 

@@ -103,6 +103,19 @@ def traceback_tail(text: str, n: int = 25) -> str:
     return "\n".join(lines[-n:])
 
 
+def failure(text: str) -> str:
+    """The error line and the innermost frame in musubi or lycoris_kohya (file:line), from a traceback."""
+    tail = traceback_tail(text, 400).splitlines()
+    frames = [re.search(r'File "([^"]*(?:musubi_tuner|lycoris_kohya)/[^"]*)", line (\d+)', ln) for ln in tail]
+    frames = [f for f in frames if f]
+    where = ""
+    if frames:
+        path, line = frames[-1].groups()
+        where = re.sub(r".*/(musubi_tuner|lycoris_kohya)/", r"\1/", path) + f":{line}"
+    errors = [ln for ln in tail if re.match(r"^[A-Za-z_.]+(Error|Exception)\b", ln)]
+    return f"{errors[-1] if errors else tail[-1] if tail else ''} at {where or '?'}"
+
+
 def first(pattern: str, text: str):
     m = re.search(pattern, text)
     return m.groups() if m else None
@@ -122,7 +135,8 @@ def plan(algos: list, extras: list) -> list:
         "fp8_scaled": (f"{base}-dora-fp8_scaled", [f"algo={base}", "dora_wd=True"], ["--fp8_base", "--fp8_scaled"], None),
         "blocks_to_swap": (f"{algos[-1]}-dora-swap1", [f"algo={algos[-1]}", "dora_wd=True"], ["--blocks_to_swap", "1"], None),
         "resume": (f"{base}-resume", [f"algo={base}"], ["--network_weights", "{file}"], base),
-        "dim_from_weights": (f"{base}-dim_from_weights", [], ["--dim_from_weights", "{file}"], base),
+        # musubi's --dim_from_weights is a flag; the file is --network_weights (training/parser_common.py)
+        "dim_from_weights": (f"{base}-dim_from_weights", [], ["--dim_from_weights", "--network_weights", "{file}"], base),
         "base_weights": (f"{base}-over-base_weights", [f"algo={base}"], ["--base_weights", "{file}"], base),
     }
     runs += [table[e] for e in extras]
@@ -203,7 +217,7 @@ def main() -> None:
                    warnings=sorted(set(re.findall(r"WARNING:lycoris_kohya[^\n]*", text))))
         file = os.path.join(run_out, name + ".safetensors")
         if rc != 0:
-            row["traceback"] = traceback_tail(text)
+            row["traceback"], row["failure"] = traceback_tail(text), failure(text)
         if rc == 0 and os.path.exists(file):
             saved[name] = file
             rrc, rtext, _ = venv.inside(["reload", "--family", a.family, "--dit", paths["dit"], "--file", file],
@@ -235,21 +249,27 @@ def lycoris_version(venv: Venv) -> str:
 def markdown(report: dict) -> str:
     head = (f"musubi-tuner {report['musubi_commit'][:12]}, family {report['family']}, {report['date']}; "
             f"lycoris_kohya {report['lycoris_kohya']}\n\n"
-            "| run | network args | trainer args | exit | modules | steps | final avr_loss | avg key norm / keys scaled | "
+            "| run | network args | trainer args | exit | modules | steps | avr_loss first → last | avg key norm first → last (keys scaled) | "
             "reload: modules (names = file) | musubi's own LoRA: modules (same layers) |\n"
             "|---|---|---|---|---|---|---|---|---|---|\n")
+    failures = []
     rows = []
     for r in report["runs"]:
         last = r.get("steps", [{}])[-1] if r.get("steps") else {}
+        one = r["steps"][0] if r.get("steps") else {}
         rl = r.get("reload", {})
         reload = (f"ok {rl.get('reloaded_modules')} ({rl.get('reloaded_names_equal_file')})" if rl.get("reload_ok")
                   else ("FAILED: " + rl.get("reload_error", "")[:80] if rl else "–"))
         own = f"{rl['musubi_lora_modules']} ({rl['musubi_lora_names_equal_file']})" if "musubi_lora_modules" in rl else "–"
-        norms = f"{last.get('Average key norm', '–')} / {last.get('Keys Scaled', '–')}" if last else "–"
+        norms = (f"{one.get('Average key norm', '–')} → {last.get('Average key norm', '–')} ({last.get('Keys Scaled', '–')})"
+                 if last else "–")
+        loss = f"{one.get('avr_loss', '–')} → {last.get('avr_loss', '–')}" if last else "–"
         rows.append(f"| {r['run']} | `{r['network_args'] or '(from file)'}` | `{r['extra'] or '-'}` | "
                     f"{r.get('rc') if r.get('rc') is not None else r.get('note')} | {r.get('modules', '–')} | "
-                    f"{last.get('step', 0)} | {last.get('avr_loss', '–')} | {norms} | {reload} | {own} |")
-    return head + "\n".join(rows) + "\n"
+                    f"{last.get('step', 0)} | {loss} | {norms} | {reload} | {own} |")
+        if r.get("failure"):
+            failures.append(f"- {r['run']}: `{r['failure']}`")
+    return head + "\n".join(rows) + "\n" + ("\nFailures:\n\n" + "\n".join(failures) + "\n" if failures else "")
 
 
 if __name__ == "__main__":
