@@ -8,7 +8,7 @@
 answer on a machine without CUDA (musubi's Wan T5 module evaluates it as a default argument at import)
 and ``torch.cuda.set_device`` a no-op there (block swap's thread calls it for the CPU device too),
 lets a CUDA-linked torchvision wheel import beside the CPU torch (see _tolerate_cuda_torchvision), and
-lets the family register its micro sizes (wan_micro.install). Then the module runs as __main__.
+lets the family register its micro sizes (<family>_micro.install). Then the module runs as __main__.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import runpy
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-FAMILIES = {"wan": "wan_micro"}
+FAMILIES = {"wan": "wan_micro", "zimage": "zimage_micro"}
 
 
 def family_module(name: str):

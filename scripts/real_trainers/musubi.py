@@ -8,7 +8,7 @@ file reloads (and onto which layers). Nothing is downloaded: see docs/real-train
 
 ``--musubi`` is a checkout (with src/musubi_tuner) or a git directory (its HEAD is extracted under --out).
 ``--python`` is the interpreter of a venv with musubi's requirements and lycoris_kohya installed
-(default: ~/.cache/lycoris_kohya_musubi/venv/bin/python). Steps run one at a time, under ``nice -n 10``.
+(default: ~/.cache/lycoris_kohya_musubi/venv/bin/python). Steps run one at a time, under ``nice -n 15``.
 This file only orchestrates; what runs inside musubi's venv is inside.py, the micro models <family>_micro.py.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ class Venv:
 
     def inside(self, args: list, log: str, cwd: str) -> tuple:
         """Run inside.py ARGS; the log gets stdout and stderr. Returns (exit code, log text, seconds)."""
-        cmd = ["nice", "-n", "10", self.python, INSIDE, *args]
+        cmd = ["nice", "-n", "15", self.python, INSIDE, *args]
         t0 = time.time()
         with open(log, "w") as f:
             f.write("$ " + " ".join(cmd) + "\n")
@@ -146,7 +146,7 @@ def plan(algos: list, extras: list) -> list:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--musubi", required=True, help="musubi-tuner checkout or git directory")
-    p.add_argument("--family", default="wan", choices=["wan"])
+    p.add_argument("--family", default="wan", choices=["wan", "zimage"])
     p.add_argument("--algos", default="locon,loha,lokr")
     p.add_argument("--extras", default=",".join(EXTRAS), help=f"comma list of {', '.join(EXTRAS)}, or none")
     p.add_argument("--only", default=None, help="comma list of run names (as in the table) to run")
