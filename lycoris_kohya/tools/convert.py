@@ -156,6 +156,12 @@ def convert_module(m: sp.StoredModule, target: str, w0: Optional[torch.Tensor], 
     return t, f"{m.algo} -> {what}", err, norm
 
 
+def _row(algo: str, what: str, err: float, norm: float, rank_in: Optional[int]) -> Dict[str, object]:
+    """One module's line of the report (a zero module's input rank is 0)."""
+    return {"algo": algo, "action": what, "relative_error": err, "norm": norm, "zero": norm == 0.0,
+            "rank_in": 0 if norm == 0.0 else rank_in}
+
+
 def convert(path: str, target: str, out: str, base: Optional[str] = None, allow_lossy: bool = False,
             rank: Optional[int] = None, dtype: Optional[torch.dtype] = None, force: bool = False) -> Dict:
     if target not in TARGETS:
@@ -197,9 +203,7 @@ def convert(path: str, target: str, out: str, base: Optional[str] = None, allow_
             raise type(e)(f"{path}: {e}") from None
         tensors.update(module_tensors(rename(name), new))
         norm = m.norm() if norm is None else norm
-        report[rename(name)] = {"algo": m.algo, "action": what, "relative_error": err, "norm": norm,
-                                "zero": norm == 0.0,
-                                "rank_in": 0 if norm == 0.0 else None if m.algo == sp.DIFF else true_rank(m)}
+        report[rename(name)] = _row(m.algo, what, err, norm, None if m.algo == sp.DIFF else true_rank(m))
     for name, names in fused.items():
         parts = {c: fitted[n][0] for c, n in names.items()}
         try:
@@ -209,9 +213,8 @@ def convert(path: str, target: str, out: str, base: Optional[str] = None, allow_
             raise type(e)(f"{path}: {e}") from None
         tensors.update(module_tensors(name, new))
         norm = math.sqrt(sum(p.norm() ** 2 for p in parts.values())) if norm is None else norm
-        report[name] = {"algo": "+".join(sorted({p.algo for p in parts.values()})), "action": what,
-                        "relative_error": err, "norm": norm, "zero": norm == 0.0,
-                        "rank_in": 0 if norm == 0.0 else sum(true_rank(p) for p in parts.values())}
+        report[name] = _row("+".join(sorted({p.algo for p in parts.values()})), what, err, norm,
+                            sum(true_rank(p) for p in parts.values()))
     written_modules = sp.read_modules(tensors, shapes)
     for name, w in written_modules.items():  # the rank g*dW has now (None for a full difference)
         report[name]["rank"] = None if w.algo == sp.DIFF else true_rank(w)
