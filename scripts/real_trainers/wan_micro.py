@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import copy
 import functools
-import json
 import os
+
+import micro_dataset
 
 TASK = "t2v-micro"
 BASE_TASK = "t2v-1.3B"
@@ -30,8 +31,6 @@ MICRO_T5 = dict(vocab_size=64, dim_attn=64, dim_ffn=64, num_heads=2, encoder_lay
 VAE_CFG = dict(dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
                temperal_downsample=[False, True, True], dropout=0.0)
 TOKENIZER_DIR = os.path.join("Wan-AI", "Wan2.1-T2V-14B", "google", "umt5-xxl")  # musubi's default name + subfolder
-CAPTIONS = {"red_cube": "a red cube on a table", "blue_ball": "a blue ball in the grass"}
-RESOLUTION = 128  # pixels; the VAE's stride 8 gives a 16x16 latent
 
 ARCH = "wan"  # musubi's ARCHITECTURE_WAN: cache file suffix
 MUSUBI_LORA = "musubi_tuner.networks.lora_wan"  # musubi's own LoRA for the family, for the module-count check
@@ -64,7 +63,7 @@ def _build_tokenizer(path: str) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
-    words = sorted({w for c in CAPTIONS.values() for w in c.split()})
+    words = sorted({w for c in micro_dataset.CAPTIONS.values() for w in c.split()})
     vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(words)}}
     assert len(vocab) <= MICRO_T5["vocab_size"]
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -76,9 +75,7 @@ def _build_tokenizer(path: str) -> None:
 
 def build(work: str, size: str = "micro") -> dict:
     """Write the models, tokenizer and dataset under ``work``; return their paths."""
-    import numpy as np
     import torch
-    from PIL import Image
     from safetensors.torch import save_file
     from musubi_tuner.wan.modules.model import WanModel
     from musubi_tuner.wan.modules.vae import WanVAE_
@@ -119,27 +116,7 @@ def build(work: str, size: str = "micro") -> dict:
     if not os.path.exists(os.path.join(tok_dir, "tokenizer.json")):
         _build_tokenizer(tok_dir)
 
-    images, cache = os.path.join(work, "images"), os.path.join(work, "cache")
-    os.makedirs(images, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for name, caption in CAPTIONS.items():
-        png = os.path.join(images, name + ".png")
-        if not os.path.exists(png):
-            Image.fromarray(rng.integers(0, 256, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8)).save(png)
-        with open(os.path.join(images, name + ".txt"), "w") as f:
-            f.write(caption)
-    with open(paths["dataset_config"], "w") as f:
-        f.write(f"""[general]
-resolution = [{RESOLUTION}, {RESOLUTION}]
-caption_extension = ".txt"
-batch_size = 1
-enable_bucket = false
-
-[[datasets]]
-image_directory = {json.dumps(images)}
-cache_directory = {json.dumps(cache)}
-num_repeats = 1
-""")
+    cache = micro_dataset.write(work, paths["dataset_config"])
     paths["cache_dir"] = cache
     return paths
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import os
 
+import micro_dataset
+
 # over zimage_config's DEFAULT_TRANSFORMER_* (dim 3840, 30 layers, 2 refiners, 30 heads, cap_feat_dim 2560);
 # head_dim = dim / heads must equal sum(ROPE_AXES_DIMS) = 128, which stays as released
 MICRO_DIT = dict(DEFAULT_TRANSFORMER_DIM=256, DEFAULT_TRANSFORMER_N_LAYERS=3, DEFAULT_TRANSFORMER_N_REFINER_LAYERS=1,
@@ -37,8 +39,6 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 256, 257, 258 
 # Qwen3's template for one user turn and the generation prompt (enable_thinking=True adds nothing)
 CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CAPTIONS = {"red_cube": "a red cube on a table", "blue_ball": "a blue ball in the grass"}
-RESOLUTION = 128  # pixels; the VAE's stride 8 gives a 16x16 latent
 
 ARCH = "zi"  # musubi's ARCHITECTURE_Z_IMAGE
 MUSUBI_LORA = "musubi_tuner.networks.lora_zimage"  # musubi's own LoRA for the family, for the module-count check
@@ -84,9 +84,7 @@ def _build_tokenizer(path: str) -> None:
 
 def build(work: str, size: str = "micro") -> dict:
     """Write the models, tokenizer and dataset under ``work``; return their paths."""
-    import numpy as np
     import torch
-    from PIL import Image
     from safetensors.torch import save_file
 
     install(size)
@@ -141,27 +139,7 @@ def build(work: str, size: str = "micro") -> dict:
     if not os.path.exists(os.path.join(tok_dir, "tokenizer_config.json")):
         _build_tokenizer(tok_dir)
 
-    images, cache = os.path.join(work, "images"), os.path.join(work, "cache")
-    os.makedirs(images, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for name, caption in CAPTIONS.items():
-        png = os.path.join(images, name + ".png")
-        if not os.path.exists(png):
-            Image.fromarray(rng.integers(0, 256, (RESOLUTION, RESOLUTION, 3), dtype=np.uint8)).save(png)
-        with open(os.path.join(images, name + ".txt"), "w") as f:
-            f.write(caption)
-    with open(paths["dataset_config"], "w") as f:
-        f.write(f"""[general]
-resolution = [{RESOLUTION}, {RESOLUTION}]
-caption_extension = ".txt"
-batch_size = 1
-enable_bucket = false
-
-[[datasets]]
-image_directory = {json.dumps(images)}
-cache_directory = {json.dumps(cache)}
-num_repeats = 1
-""")
+    cache = micro_dataset.write(work, paths["dataset_config"])
     paths["cache_dir"] = cache
     return paths
 
